@@ -1,0 +1,330 @@
+"""Lesson 01: a toy DDPM, the smallest diffusion model that draws convincing images.
+
+Paper: Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", 2020, arXiv:2006.11239.
+Builds on: nothing; the course starts here.
+New here:
+  - the forward process q(x_t | x_0) in closed form, linear betas 1e-4..0.02, T = 1000;
+  - a small U-Net that predicts the added noise, trained with the simple loss (Algorithm 1);
+  - ancestral sampling from pure noise in 1000 steps (Algorithm 2).
+Left out, added later: EMA, ResNet blocks, attention, cosine schedule (lesson 02); class
+guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
+
+CPU:  python 01_ddpm_toy.py          RUN_TIME_CPU
+GPU:  python 01_ddpm_toy.py --device cuda --epochs 40 --width 32     (not yet measured)
+Writes to outputs/01_ddpm_toy/: checkpoint.pt, samples.png, samples.npz, denoising.gif,
+denoising.png, loss.png, metrics.csv.
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils import data, visualize
+from utils.runtime import (
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint, pick_device,
+    positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
+)
+
+LESSON = "01_ddpm_toy"
+T = 1000  # number of diffusion steps, as in the paper
+BETA_START, BETA_END = 1e-4, 0.02  # DDPM Section 4: linear betas from 1e-4 to 0.02
+LOG_EVERY = 50  # steps between rows of metrics.csv
+WARMUP_FRACTION = 0.05  # share of training spent ramping the learning rate up from 0
+GIF_FRAMES = 40  # snapshots of the reverse process kept for denoising.gif
+STRIP_STEPS = (999, 800, 600, 400, 300, 200, 100, 50, 0)  # timesteps shown in denoising.png
+ARCHITECTURE_KEYS = ("width", "channels", "image_size")
+
+
+# --- arguments ---
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Lesson 01: train a toy DDPM, then sample from it.")
+    parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
+                        help="training images (default: mnist, or another one found here when mnist is not)")
+    parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int, default=5, help="passes over the training set")
+    length.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps instead")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step (paper: 128)")
+    parser.add_argument("--lr", type=positive_float, default=2e-3,
+                        help="peak Adam learning rate, warm-up then cosine decay (paper: 2e-4 constant)")
+    parser.add_argument("--width", type=positive_int, default=16,
+                        help="U-Net channels at full resolution, doubled at each downsampling (paper: 128)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for data order, noise and sampling")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
+    parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate at the end")
+    parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
+    parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
+    args = parser.parse_args(argv)
+    if args.resume and args.sample_only:
+        parser.error("--resume and --sample-only cannot be used together")
+    if args.width % 8:
+        parser.error(f"--width must be a multiple of 8 (GroupNorm uses 8 groups), got {args.width}")
+    return args
+
+
+# --- noise schedule ---
+# Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the paper.
+
+def make_schedule(device):
+    """betas, alphas and alpha_bars, each of shape [T], float32 on `device`."""
+    # Computed in float64 on the CPU for an accurate running product, stored as float32
+    # (Apple's MPS has no float64).
+    betas = torch.linspace(BETA_START, BETA_END, T, dtype=torch.float64)
+    alphas = 1.0 - betas
+    # DDPM Section 2: alpha_bar_t = prod_{s<=t} alpha_s, the share of signal left at step t.
+    alpha_bars = torch.cumprod(alphas, dim=0)
+    return {name: values.float().to(device) for name, values in
+            (("betas", betas), ("alphas", alphas), ("alpha_bars", alpha_bars))}
+
+
+def add_noise(x0, t, eps, schedule):
+    """Sample x_t ~ q(x_t | x_0) for a batch: x0, eps [B, C, H, W], t [B] -> x_t [B, C, H, W]."""
+    alpha_bar_t = schedule["alpha_bars"][t].view(-1, 1, 1, 1)
+    # DDPM Eq. 4: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), so one
+    # Gaussian draw jumps straight to step t instead of adding noise t times.
+    return alpha_bar_t.sqrt() * x0 + (1.0 - alpha_bar_t).sqrt() * eps
+
+
+# --- model: a small U-Net that predicts the noise ---
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class Block(nn.Module):
+    """Two 3x3 convolutions with GroupNorm and SiLU; the time embedding is added in between."""
+
+    def __init__(self, in_channels, out_channels, embedding_dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, out_channels)
+        self.time = nn.Linear(embedding_dim, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, out_channels)
+
+    def forward(self, x, embedding):
+        h = F.silu(self.norm1(self.conv1(x)))
+        # One bias per channel tells every block which noise level it is looking at.
+        h = h + self.time(embedding)[:, :, None, None]
+        return F.silu(self.norm2(self.conv2(h)))
+
+
+class TinyUNet(nn.Module):
+    """eps_pred = model(x_t, t): [B, C, H, W] and [B] -> [B, C, H, W]; H, W divisible by 4.
+
+    Resolutions for 28x28: 28 -> 14 -> 7 -> 14 -> 28, with skip connections across.
+    """
+
+    def __init__(self, channels=1, width=16):
+        super().__init__()
+        self.embedding_dim = 4 * width  # DDPM's models use 4x the base width
+        self.time_mlp = nn.Sequential(
+            nn.Linear(self.embedding_dim, self.embedding_dim), nn.SiLU(),
+            nn.Linear(self.embedding_dim, self.embedding_dim),
+        )
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.down1 = Block(width, width, self.embedding_dim)
+        self.down2 = Block(width, 2 * width, self.embedding_dim)
+        self.middle = Block(2 * width, 4 * width, self.embedding_dim)
+        self.up2 = Block(4 * width + 2 * width, 2 * width, self.embedding_dim)
+        self.up1 = Block(2 * width + width, width, self.embedding_dim)
+        self.head = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x_t, t):
+        embedding = self.time_mlp(timestep_embedding(t, self.embedding_dim))
+        skip1 = self.down1(self.stem(x_t), embedding)                  # [B, w, 28, 28]
+        skip2 = self.down2(F.avg_pool2d(skip1, 2), embedding)          # [B, 2w, 14, 14]
+        h = self.middle(F.avg_pool2d(skip2, 2), embedding)             # [B, 4w, 7, 7]
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = self.up2(torch.cat([h, skip2], dim=1), embedding)          # [B, 2w, 14, 14]
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = self.up1(torch.cat([h, skip1], dim=1), embedding)          # [B, w, 28, 28]
+        return self.head(h)
+
+
+# --- loss ---
+
+def loss_fn(model, x0, schedule, generator):
+    """DDPM Algorithm 1 on a batch x0 [B, C, H, W]: one scalar loss."""
+    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = add_noise(x0, t, eps, schedule)
+    # DDPM Eq. 14, L_simple = E ||eps - eps_theta(x_t, t)||^2: the variational bound with its
+    # per-step weights dropped, which the paper found gives better samples.
+    return F.mse_loss(model(x_t, t), eps)
+
+
+# --- sampler ---
+
+def sample_step(model, x_t, t, schedule_lists, generator):
+    """One reverse step of DDPM Algorithm 2: x_t [N, C, H, W] at timestep t -> x_{t-1}."""
+    betas, alphas, alpha_bars = schedule_lists
+    eps_pred = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device))
+    # DDPM Eq. 11, the mean of p(x_{t-1} | x_t) written with the predicted noise:
+    # mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps_pred) / sqrt(alpha_t)
+    mean = (x_t - betas[t] / math.sqrt(1.0 - alpha_bars[t]) * eps_pred) / math.sqrt(alphas[t])
+    if t == 0:
+        return mean  # Algorithm 2, line 3: no noise on the last step (the paper's t = 1)
+    # Algorithm 2, line 4: x_{t-1} = mu + sigma_t z with sigma_t^2 = beta_t (DDPM Section 3.2).
+    return mean + math.sqrt(betas[t]) * torch.randn(x_t.shape, device=x_t.device, generator=generator)
+
+
+@torch.inference_mode()
+def sample(model, schedule, shape, generator, keep=()):
+    """DDPM Algorithm 2: pure noise [N, C, H, W] -> images in [-1, 1], after T steps.
+
+    Returns the images and {t: x_t} for each t in `keep` (the denoising pictures).
+    """
+    # Per-step constants as Python floats, so that the loop spends its time in the network.
+    schedule_lists = tuple(schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars"))
+    x_t = torch.randn(shape, device=schedule["betas"].device, generator=generator)
+    kept = {}
+    for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
+        x_t = sample_step(model, x_t, t, schedule_lists, generator)
+        if t in keep:
+            kept[t] = x_t.clamp(-1, 1).cpu()
+    return x_t.clamp(-1, 1), kept
+
+
+# --- training ---
+
+def learning_rate(step, total_steps, peak):
+    """Linear warm-up, then cosine decay to 0: the decay stands in for EMA (lesson 02) in a short run."""
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_state(model, optimizer, step, generator, config):
+    """Everything --resume needs to continue exactly where training stopped."""
+    return {"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
+            "epoch": step // config["steps_per_epoch"], "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(),
+                                                          "generator": generator.get_state()}}
+
+
+def train(args, model, images, schedule, config, device, start=None):
+    """Train on `images` [N, C, H, W] (in memory on `device`); writes checkpoint and metrics.csv."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    step = 0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        generator.set_state(start["rng"]["generator"])
+        torch.set_rng_state(start["rng"]["torch"])
+        step = start["step"]
+    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+    checkpoint_path, log = args.out / "checkpoint.pt", MetricsLog(args.out / "metrics.csv", append=start is not None)
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc="training", unit="step")
+    running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    order, order_epoch = None, None
+    with StopRequest() as stop:
+        while step < total_steps and not stop.requested:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                # A fresh shuffle each epoch, seeded by the epoch so that --resume sees the same order.
+                order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
+                order_epoch = epoch
+            batch = order[position * args.batch_size:(position + 1) * args.batch_size].to(device)
+            lr = learning_rate(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(model, images[batch], schedule, generator)
+            if not torch.isfinite(loss):
+                raise LessonError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
+                                  f"{checkpoint_path} (try a lower --lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running_loss, window_steps = running_loss + loss.item(), window_steps + 1
+            progress.update(1)
+            if step % LOG_EVERY == 0 or step == total_steps:
+                speed = window_steps * args.batch_size / (time.perf_counter() - window_start)
+                log.write(step, running_loss / window_steps, lr, speed)
+                progress.set_postfix(loss=f"{running_loss / window_steps:.4f}", img_s=f"{speed:.0f}")
+                running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            if step % steps_per_epoch == 0 or step == total_steps or stop.requested:
+                save_checkpoint(make_state(model, optimizer, step, generator, config), checkpoint_path)
+    progress.close()
+    log.close()
+    if stop.requested:
+        raise Interrupted(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint_path}; "
+                          f"continue with --resume")
+    return step
+
+
+# --- main ---
+
+def write_samples(model, schedule, config, args, device):
+    """Sample --num-samples images and write samples.png/.npz, denoising.gif/.png; return the paths."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    shape = (args.num_samples, config["channels"], config["image_size"], config["image_size"])
+    gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
+    model.eval()
+    started = time.perf_counter()
+    images, kept = sample(model, schedule, shape, generator, keep=gif_steps | set(STRIP_STEPS))
+    print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({T} steps)")
+    return [
+        visualize.save_grid(images, args.out / "samples.png"),
+        visualize.save_samples_npz(images, args.out / "samples.npz"),
+        visualize.save_denoising_gif([kept[t] for t in sorted(gif_steps, reverse=True)], args.out / "denoising.gif"),
+        visualize.save_denoising_strip([kept[t] for t in STRIP_STEPS], STRIP_STEPS, args.out / "denoising.png"),
+    ]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    schedule = make_schedule(device)
+    if args.sample_only:
+        checkpoint = load_checkpoint(args.checkpoint or args.out / "checkpoint.pt", LESSON)
+        config = checkpoint["config"]
+        model = TinyUNet(config["channels"], config["width"]).to(device)
+        model.load_state_dict(checkpoint["model"])
+        for path in write_samples(model, schedule, config, args, device):
+            print(f"wrote {path}")
+        return
+    start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
+    dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
+                                      candidates=["mnist", "fashion-mnist"])
+    images = dataset.images.to(device)
+    steps_per_epoch = max(1, len(images) // args.batch_size)
+    config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[2],
+              "width": args.width, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+              "steps_per_epoch": steps_per_epoch,
+              "total_steps": args.max_steps or args.epochs * steps_per_epoch}
+    if start is not None:
+        require_same(start["config"], config, ARCHITECTURE_KEYS + ("dataset", "batch_size"), args.out / "checkpoint.pt")
+    model = TinyUNet(config["channels"], args.width).to(device)
+    print(f"{dataset.name}: {len(images)} images {tuple(images.shape[1:])} from {dataset.source}; "
+          f"model {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters on {device}; "
+          f"{config['total_steps']} steps of {args.batch_size}")
+    started = time.perf_counter()
+    train(args, model, images, schedule, config, device, start)
+    print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
+    paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
+             visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]
+    paths += write_samples(model, schedule, config, args, device)
+    for path in paths:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,168 @@
+"""Lesson 01 from the command line, as a learner runs it, with tiny settings."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from utils import data
+from utils.runtime import load_checkpoint, run
+
+TINY = ["--width", "8", "--batch-size", "32", "--num-samples", "4"]
+OUTPUTS = ["checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif", "denoising.png"]
+
+
+def lesson(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "01_ddpm_toy.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = lesson("--data-dir", tiny_data_dir, "--out", out, "--max-steps", 20, *TINY)
+    assert result.returncode == 0, result.stderr
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+        assert f"wrote {out / name}" in result.stdout
+    samples = np.load(out / "samples.npz")["images"]
+    assert samples.dtype == np.uint8 and samples.shape == (4, 28, 28, 1)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,images_per_s" and rows[-1].startswith("20,")
+    checkpoint = load_checkpoint(out / "checkpoint.pt", "01_ddpm_toy")
+    assert checkpoint["step"] == 20 and checkpoint["config"]["dataset"] == "mnist"
+
+
+def test_sample_only_writes_samples_from_a_checkpoint(tiny_data_dir, tmp_path):
+    trained = tmp_path / "trained"
+    assert lesson("--data-dir", tiny_data_dir, "--out", trained, "--max-steps", 5, *TINY).returncode == 0
+    out = tmp_path / "sampled"
+    result = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 6, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert np.load(out / "samples.npz")["images"].shape == (6, 28, 28, 1)
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny_data_dir, tmp_path):
+    steps = ["--max-steps", 400, "--data-dir", tiny_data_dir, *TINY, "--num-samples", 1]
+    straight = lesson("--out", tmp_path / "straight", *steps)
+    assert straight.returncode == 0, straight.stderr
+
+    command = [sys.executable, str(ROOT / "01_ddpm_toy.py"), "--out", str(tmp_path / "split"), *map(str, steps)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "split" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "checkpoint saved" in stderr and "Traceback" not in stderr
+    stopped_at = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")["step"]
+    assert 0 < stopped_at < 400
+
+    resumed = lesson("--out", tmp_path / "split", "--resume", *steps)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt", "01_ddpm_toy")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")
+    assert a["step"] == b["step"] == 400
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--max-steps", "-3"], "--max-steps: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--num-samples", "0"], "--num-samples: must be at least 1"),
+    (["--lr", "0"], "--lr: must be a finite number above 0"),
+    (["--lr", "nan"], "--lr: must be a finite number above 0"),
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--width", "12"], "--width must be a multiple of 8"),
+    (["--epochs", "2", "--max-steps", "5"], "not allowed with argument"),
+    (["--resume", "--sample-only"], "cannot be used together"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bad_flags_exit_2_with_one_line(lesson01, capsys, flags, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        lesson01.parse_args(flags)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = lesson("--out", blocker / "out", "--data-dir", tmp_path / "nothing")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"01_ddpm_toy.py: error: argument --out: cannot create "
+                                                  f"{blocker / 'out'}: {blocker} is a file"]
+
+
+def run_main(lesson01, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: lesson01.main(argv))
+    return exit_info.value.code
+
+
+def test_no_data_anywhere_gives_one_line_that_says_how_to_fix_it(lesson01, tmp_path, capsys):
+    code = run_main(lesson01, ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: mnist is not available: no files in")
+    assert "download failed (network disabled in tests)" in lines[0]
+    assert "fashion-mnist" in lines[0] and "apt-get install dataset-fashion-mnist" in lines[0]
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_default_dataset_falls_back_with_a_notice(lesson01, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    from conftest import write_mnist_like
+    write_mnist_like(data_dir / "FashionMNIST" / "raw")
+    argv = ["--data-dir", str(data_dir), "--out", str(tmp_path / "out"), "--max-steps", "2", *TINY]
+    lesson01.main(argv)
+    out = capsys.readouterr().out
+    assert "note: mnist is not available here" in out and "using fashion-mnist" in out
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pt", "01_ddpm_toy")["config"]["dataset"] == "fashion-mnist"
+
+
+def test_a_dataset_named_explicitly_is_never_swapped(lesson01, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    from conftest import write_mnist_like
+    write_mnist_like(data_dir / "FashionMNIST" / "raw")
+    code = run_main(lesson01, ["--dataset", "mnist", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "error: mnist is not available" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_fails_loudly(lesson01, tiny_data_dir, tmp_path, capsys):
+    code = run_main(lesson01, ["--resume", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == f"error: no checkpoint at {tmp_path / 'out' / 'checkpoint.pt'}"
+
+
+def test_resume_with_another_architecture_is_refused(lesson01, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    lesson01.main(["--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "2", *TINY])
+    before = (out / "checkpoint.pt").read_bytes()
+    code = run_main(lesson01, ["--resume", "--data-dir", str(tiny_data_dir), "--out", str(out),
+                               "--max-steps", "4", "--width", "16", "--batch-size", "32"])
+    assert code == 1
+    assert "was trained with width=8, this run has width=16" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_help_lists_every_flag(lesson01, capsys):
+    with pytest.raises(SystemExit):
+        lesson01.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--dataset", "--data-dir", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
+                 "--device", "--out", "--num-samples", "--resume", "--sample-only", "--checkpoint", "--width"]:
+        assert flag in text
+    assert "paper: 2e-4" in text

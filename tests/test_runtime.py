@@ -1,0 +1,129 @@
+"""Checkpoints, devices and argument checks shared by the lessons."""
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+
+from utils import runtime
+
+
+def checkpoint(lesson="01_ddpm_toy", **extra):
+    return {"format": runtime.CHECKPOINT_FORMAT, "lesson": lesson, "model": {"w": torch.ones(3)}, **extra}
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "sub" / "checkpoint.pt"
+    runtime.save_checkpoint(checkpoint(step=7), path)
+    loaded = runtime.load_checkpoint(path, "01_ddpm_toy")
+    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_failing_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    runtime.save_checkpoint(checkpoint(step=1), path)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        runtime.save_checkpoint(checkpoint(step=2, bad=Unsaveable()), path)
+    assert runtime.load_checkpoint(path, "01_ddpm_toy")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_checkpoint_of_another_lesson_is_refused_naming_both(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    runtime.save_checkpoint(checkpoint("02_ddpm"), path)
+    with pytest.raises(runtime.LessonError, match=f"{path} is a checkpoint of lesson 02_ddpm, not of 01_ddpm_toy"):
+        runtime.load_checkpoint(path, "01_ddpm_toy")
+
+
+def test_truncated_checkpoint_gives_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    runtime.save_checkpoint(checkpoint(), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(runtime.LessonError) as error:
+        runtime.load_checkpoint(path, "01_ddpm_toy")
+    assert str(error.value).startswith(f"{path} is not a readable checkpoint") and "\n" not in str(error.value)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": 1, "lesson": "01_ddpm_toy", "payload": RunsCode()}, path, pickle_module=pickle)
+    with pytest.raises(runtime.LessonError, match="not a readable checkpoint"):
+        runtime.load_checkpoint(path, "01_ddpm_toy")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_require_same_names_the_difference(tmp_path):
+    runtime.require_same({"width": 8}, {"width": 8}, ["width"], "ckpt")
+    with pytest.raises(runtime.LessonError, match="ckpt was trained with width=8, this run has width=16"):
+        runtime.require_same({"width": 8}, {"width": 16}, ["width"], "ckpt")
+
+
+@pytest.mark.parametrize("text,ok", [("1", True), ("12", True), ("0", False), ("-1", False), ("1.5", False)])
+def test_positive_int(text, ok):
+    if ok:
+        assert runtime.positive_int(text) == int(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            runtime.positive_int(text)
+
+
+@pytest.mark.parametrize("text,ok", [("1e-3", True), ("0", False), ("-2", False), ("inf", False), ("nan", False)])
+def test_positive_float(text, ok):
+    if ok:
+        assert runtime.positive_float(text) == float(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            runtime.positive_float(text)
+
+
+def test_writable_dir_accepts_new_folders_and_refuses_files(tmp_path):
+    assert runtime.writable_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()  # checking creates nothing
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
+        runtime.writable_dir(str(tmp_path / "file" / "out"))
+
+
+def test_auto_device_on_this_machine_and_unavailable_devices_refused():
+    device = runtime.pick_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(runtime.LessonError, match="no CUDA GPU"):
+            runtime.pick_device("cuda")
+
+
+def test_stop_request_catches_the_first_signal_and_restores_handlers():
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    with runtime.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_metrics_log_appends_on_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    log = runtime.MetricsLog(path, append=False)
+    log.write(1, 0.5, 1e-3, 100.0)
+    log.close()
+    log = runtime.MetricsLog(path, append=True)
+    log.write(2, 0.4, 1e-3, 100.0)
+    log.close()
+    assert path.read_text().splitlines() == ["step,loss,lr,images_per_s", "1,0.500000,1.000e-03,100.0",
+                                             "2,0.400000,1.000e-03,100.0"]

@@ -1,0 +1,1 @@
+"""Shared helpers for the lessons: data, pictures and run plumbing (never the lesson itself)."""

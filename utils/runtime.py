@@ -1,0 +1,201 @@
+"""Run plumbing every lesson shares: argument checks, devices, atomic checkpoints, logging.
+
+None of this is what a lesson teaches, so it lives here once instead of in five files.
+Errors a user can fix are raised as `LessonError` and printed by `run` as one line.
+"""
+import argparse
+import csv
+import os
+import sys
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+class LessonError(Exception):
+    """A problem the user can fix; `run` prints it as one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class Interrupted(LessonError):
+    """Training stopped on Ctrl-C after saving a checkpoint (exit code 130, as shells expect)."""
+
+    exit_code = 130
+
+
+class StopRequest:
+    """Within `with`, Ctrl-C (SIGINT) or SIGTERM sets `requested` so that a training loop can stop
+    at the end of a step, with a consistent state to save; a second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that shows defaults in --help and reports a bad value in one line (exit code 2)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def writable_dir(text):
+    """argparse type: a folder that exists and is writable, or that can be created."""
+    path = Path(text)
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {path}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {path}: {ancestor} is not writable")
+    return path
+
+
+def pick_device(name):
+    """'auto' picks CUDA, then Apple MPS, then CPU; a named device must be available."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LessonError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    if name == "mps" and not has_mps:
+        raise LessonError("--device mps was asked for, but Apple MPS is not available here")
+    if name == "cpu":
+        # PyTorch may default to fewer threads than the cores this process may use.
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    return torch.device(name)
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically: an interrupted save leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path, lesson):
+    """Load a checkpoint of `lesson` safely (weights_only: it never runs code) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise LessonError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LessonError(f"{path} is not a readable checkpoint (truncated, corrupt or unsafe): {reason}") from None
+    if not isinstance(state, dict) or "lesson" not in state or "format" not in state:
+        raise LessonError(f"{path} is not a checkpoint of this course")
+    if state["lesson"] != lesson:
+        raise LessonError(f"{path} is a checkpoint of lesson {state['lesson']}, not of {lesson}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise LessonError(f"{path} has checkpoint format {state['format']}, this code reads format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def require_same(saved_config, config, keys, path):
+    """Refuse to resume when the architecture or data of a checkpoint differ from this run's."""
+    for key in keys:
+        if saved_config.get(key) != config.get(key):
+            raise LessonError(
+                f"{path} was trained with {key}={saved_config.get(key)}, this run has {key}={config.get(key)}"
+            )
+
+
+class MetricsLog:
+    """Appends rows of (step, loss, lr, images_per_s) to a CSV file, one flush per row."""
+
+    FIELDS = ("step", "loss", "lr", "images_per_s")
+
+    def __init__(self, path, append):
+        self.path = Path(path)
+        fresh = not (append and self.path.is_file())
+        self.file = open(self.path, "w" if fresh else "a", newline="")
+        self.writer = csv.writer(self.file)
+        if fresh:
+            self.writer.writerow(self.FIELDS)
+
+    def write(self, step, loss, lr, images_per_s):
+        self.writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{images_per_s:.1f}"])
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def run(main):
+    """Call `main()`; print a LessonError as one line (exit 1) and Ctrl-C without a traceback (exit 130)."""
+    try:
+        main()
+    except LessonError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(130)

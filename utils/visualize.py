@@ -1,0 +1,88 @@
+"""Pictures of a run: sample grids, the denoising process (strip and GIF) and the loss curve."""
+import csv
+import math
+from pathlib import Path
+
+import imageio.v2 as imageio
+import matplotlib
+
+matplotlib.use("Agg")  # write files; never open a window
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+DISPLAY_SCALE = 2  # 28-pixel images are tiny on a screen; upscale by pixel repetition
+GIF_SECONDS_PER_FRAME = 0.08
+GIF_FINAL_HOLD_FRAMES = 12  # show the finished samples for about a second before the loop restarts
+
+
+def to_uint8(images):
+    """[-1, 1] float images N x C x H x W -> uint8 numpy N x H x W x C."""
+    scaled = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_image(images, nrow=None, scale=DISPLAY_SCALE):
+    """[-1, 1] images N x C x H x W -> one uint8 H' x W' x 3 picture, `nrow` images per row."""
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0)
+    picture = to_uint8(grid[None])[0]
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(images, path, nrow=None):
+    """Save [-1, 1] images N x C x H x W as one PNG grid."""
+    imageio.imwrite(path, grid_image(images, nrow))
+    return Path(path)
+
+
+def save_samples_npz(images, path, labels=None):
+    """Save samples as uint8 N x H x W x C under key `images` (and `labels` when given)."""
+    arrays = {"images": to_uint8(images)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels, dtype=np.int64)
+    np.savez_compressed(path, **arrays)
+    return Path(path)
+
+
+def save_denoising_gif(frames, path, nrow=None):
+    """frames: list of N x C x H x W tensors from noise to image; one grid per GIF frame."""
+    pictures = [grid_image(frame, nrow) for frame in frames]
+    pictures += [pictures[-1]] * GIF_FINAL_HOLD_FRAMES
+    imageio.mimsave(path, pictures, duration=GIF_SECONDS_PER_FRAME, loop=0)
+    return Path(path)
+
+
+def save_denoising_strip(frames, steps, path, rows=4):
+    """A PNG with one row per image and one column per recorded step (noise on the left)."""
+    chosen = torch.stack([frame[:rows] for frame in frames], dim=1)  # rows x steps x C x H x W
+    picture = grid_image(chosen.flatten(0, 1), nrow=len(frames))
+    figure, axis = plt.subplots(figsize=(max(6, len(frames) * 0.6), rows * 0.7 + 0.8))
+    axis.imshow(picture)
+    cell = picture.shape[1] / len(frames)
+    axis.set_xticks([cell * (index + 0.5) for index in range(len(frames))], [str(step) for step in steps], fontsize=7)
+    axis.set_yticks([])
+    axis.set_xlabel("timestep t (noise at the left, sample at the right)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+def save_loss_curve(metrics_csv, path):
+    """Plot the loss column of a metrics.csv against the step column (log scale)."""
+    with open(metrics_csv, newline="") as file:
+        rows = list(csv.DictReader(file))
+    steps = [int(row["step"]) for row in rows]
+    losses = [float(row["loss"]) for row in rows]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(steps, losses)
+    axis.set_yscale("log")
+    axis.set_xlabel("training step")
+    axis.set_ylabel("loss (MSE of predicted noise)")
+    axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
