@@ -9,7 +9,7 @@ New here:
 Left out, added later: EMA, ResNet blocks, attention, cosine schedule (lesson 02); class
 guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
 
-CPU:  python 01_ddpm_toy.py          RUN_TIME_CPU
+CPU:  python 01_ddpm_toy.py    11.1 min on a 2-core AMD EPYC VM (10.3 train + 0.6 sample)
 GPU:  python 01_ddpm_toy.py --device cuda --epochs 40 --width 32     (not yet measured)
 Writes to outputs/01_ddpm_toy/: checkpoint.pt, samples.png, samples.npz, denoising.gif,
 denoising.png, loss.png, metrics.csv.
@@ -102,7 +102,8 @@ def timestep_embedding(t, dim):
 
 
 class Block(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and SiLU; the time embedding is added in between."""
+    """Two 3x3 convolutions with GroupNorm and SiLU, the time embedding added in between,
+    and a shortcut around them: [B, in, H, W] -> [B, out, H, W]."""
 
     def __init__(self, in_channels, out_channels, embedding_dim):
         super().__init__()
@@ -111,12 +112,18 @@ class Block(nn.Module):
         self.time = nn.Linear(embedding_dim, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.norm2 = nn.GroupNorm(8, out_channels)
+        same = in_channels == out_channels
+        self.shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x, embedding):
         h = F.silu(self.norm1(self.conv1(x)))
         # One bias per channel tells every block which noise level it is looking at.
         h = h + self.time(embedding)[:, :, None, None]
-        return F.silu(self.norm2(self.conv2(h)))
+        h = F.silu(self.norm2(self.conv2(h)))
+        # GroupNorm subtracts each image's mean, so without the shortcut the network could not see
+        # the overall brightness of x_t. At large t the noise to predict is almost x_t itself,
+        # brightness included; a blind network lets samples drift to all black or all white.
+        return h + self.shortcut(x)
 
 
 class TinyUNet(nn.Module):

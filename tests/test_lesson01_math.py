@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 
 @pytest.fixture
@@ -69,6 +70,27 @@ def test_network_output_depends_on_timestep(lesson01):
     x = torch.randn(2, 1, 28, 28)
     early, late = model(x, torch.tensor([10, 10])), model(x, torch.tensor([900, 900]))
     assert (early - late).abs().mean() > 1e-3
+
+
+def test_network_learns_to_follow_the_mean_brightness_of_its_input(lesson01):
+    # At t = T the noise to predict is x_t itself. GroupNorm removes each image's mean, so a network
+    # without the blocks' shortcuts cannot learn this for images brighter or darker than average
+    # (mean error stays above 0.1 here), and its samples drift to all black or all white.
+    torch.manual_seed(0)
+    model = lesson01.TinyUNet(1, width=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    last = torch.full((16,), 999)
+    for _ in range(150):
+        x_t = torch.randn(16, 1, 28, 28, generator=generator) + torch.rand(16, 1, 1, 1, generator=generator) * 2 - 1
+        loss = F.mse_loss(model(x_t, last), x_t)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        x_t = torch.randn(8, 1, 28, 28, generator=generator) + torch.linspace(-1, 1, 8).view(8, 1, 1, 1)
+        mean_error = (model(x_t, last[:8]) - x_t).mean(dim=(1, 2, 3)).abs().mean().item()
+    assert mean_error < 0.05
 
 
 def test_training_on_a_fixed_batch_clearly_lowers_the_loss(lesson01, schedule):

@@ -155,7 +155,9 @@ def load_dataset(name, data_dir="data", split="train", download=True):
         try:
             _download(name, data_dir)
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            # torchvision's message ends with the underlying error of its last mirror
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = lines[-1] if lines else type(error).__name__
             tried.append(f"download failed ({reason})")
         else:
             return load_dataset(name, data_dir, split, download=False)

@@ -1,0 +1,123 @@
+"""Speed of lesson 01 on this machine: training images/s per choice, and where sampling spends its time.
+
+    python benchmarks/lesson01_speed.py [--repeats 3] [--compile]
+
+Compares, in one run with interleaved repeats (these machines are shared and noisy, so read
+the ratios): the default width against wider networks, channels_last memory layout against
+the default layout, and optionally torch.compile. For sampling it times DDPM steps against
+bare network calls on the same batch; the difference is the time spent outside the network.
+Writes benchmarks/results/lesson01_speed.csv and .md, and prints the markdown table.
+"""
+import argparse
+import csv
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+spec = importlib.util.spec_from_file_location("lesson01", ROOT / "01_ddpm_toy.py")
+lesson01 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lesson01)
+
+from utils.runtime import pick_device  # noqa: E402
+
+TRAIN_STEPS = 15
+SAMPLE_STEPS = 50
+
+
+def train_speed(model, batch_size, channels_last, schedule):
+    """Training images/s on random 28x28 data (data loading is indexing, so random data is fair)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.randn(batch_size, 1, 28, 28)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        loss = lesson01.loss_fn(model, images, schedule, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    started = time.perf_counter()
+    for _ in range(TRAIN_STEPS):
+        step()
+    return TRAIN_STEPS * batch_size / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def sampling_split(model, schedule, batch):
+    """Seconds per sampling step, and per bare network call, on the same batch."""
+    lists = tuple(schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars"))
+    x_t, generator = torch.randn(batch, 1, 28, 28), torch.Generator().manual_seed(0)
+    t_batch = torch.full((batch,), 500)
+    for _ in range(3):
+        model(x_t, t_batch)
+    started = time.perf_counter()
+    for t in range(SAMPLE_STEPS, 0, -1):
+        lesson01.sample_step(model, x_t, t, lists, generator)
+    per_step = (time.perf_counter() - started) / SAMPLE_STEPS
+    started = time.perf_counter()
+    for _ in range(SAMPLE_STEPS):
+        model(x_t, t_batch)
+    per_call = (time.perf_counter() - started) / SAMPLE_STEPS
+    return per_step, per_call
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    args = parser.parse_args()
+    pick_device("cpu")
+    schedule = lesson01.make_schedule(torch.device("cpu"))
+    variants = [("width 16 (default), batch 128", 16, 128, False, False),
+                ("width 16, batch 128, channels_last", 16, 128, True, False),
+                ("width 16, batch 64", 16, 64, False, False),
+                ("width 32, batch 128", 32, 128, False, False)]
+    if args.compile:
+        variants.append(("width 16, batch 128, torch.compile", 16, 128, False, True))
+    models = {}
+    for name, width, _, channels_last, compiled in variants:
+        torch.manual_seed(0)
+        model = lesson01.TinyUNet(1, width)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models[name] = torch.compile(model) if compiled else model
+    speeds = {name: [] for name, *_ in variants}
+    for _ in range(args.repeats):  # interleaved, so that machine noise hits every variant alike
+        for name, _, batch_size, channels_last, _ in variants:
+            speeds[name].append(train_speed(models[name], batch_size, channels_last, schedule))
+    baseline = statistics.median(speeds[variants[0][0]])
+    rows = [{"measure": f"training: {name}", "value": f"{statistics.median(values):.0f} images/s",
+             "ratio": f"{statistics.median(values) / baseline:.2f}"} for name, values in speeds.items()]
+    per_step, per_call = sampling_split(models[variants[0][0]], schedule, 64)
+    rows += [{"measure": "sampling: one DDPM step, batch 64, width 16", "value": f"{per_step * 1000:.1f} ms",
+              "ratio": ""},
+             {"measure": "sampling: 1000 steps (T) for 64 images, estimated", "value": f"{per_step * 1000:.1f} s",
+              "ratio": ""},
+             {"measure": "sampling: share of step time outside the network", "value":
+              f"{max(0.0, 1 - per_call / per_step) * 100:.1f} %", "ratio": ""}]
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "lesson01_speed.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["measure", "value", "ratio"])
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| measure | value | ratio to default |", "|---|---|---|"]
+    table += [f"| {row['measure']} | {row['value']} | {row['ratio']} |" for row in rows]
+    command = "python benchmarks/lesson01_speed.py" + (" --compile" if args.compile else "")
+    text = "\n".join(table) + f"\n\nMeasured with `{command}` ({torch.get_num_threads()} threads, torch {torch.__version__}).\n"
+    (out / "lesson01_speed.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
