@@ -6,7 +6,7 @@ New here:
   - the forward process q(x_t | x_0) in closed form, linear betas 1e-4..0.02, T = 1000;
   - a small U-Net that predicts the added noise, trained with the simple loss (Algorithm 1);
   - ancestral sampling from pure noise in 1000 steps (Algorithm 2).
-Left out, added later: EMA, ResNet blocks, attention, cosine schedule (lesson 02); class
+Left out, added later: EMA, full ResNet blocks with dropout, attention, cosine schedule (lesson 02); class
 guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
 
 CPU:  python 01_ddpm_toy.py    11.1 min on a 2-core AMD EPYC VM (10.3 train + 0.6 sample)
@@ -173,9 +173,14 @@ def loss_fn(model, x0, schedule, generator):
 
 # --- sampler ---
 
-def sample_step(model, x_t, t, schedule_lists, generator):
+def schedule_lists(schedule):
+    """(betas, alphas, alpha_bars) as Python lists: in the sampling loop, floats cost no tensor ops."""
+    return tuple(schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars"))
+
+
+def sample_step(model, x_t, t, constants, generator):
     """One reverse step of DDPM Algorithm 2: x_t [N, C, H, W] at timestep t -> x_{t-1}."""
-    betas, alphas, alpha_bars = schedule_lists
+    betas, alphas, alpha_bars = constants  # from schedule_lists()
     eps_pred = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device))
     # DDPM Eq. 11, the mean of p(x_{t-1} | x_t) written with the predicted noise:
     # mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps_pred) / sqrt(alpha_t)
@@ -192,12 +197,11 @@ def sample(model, schedule, shape, generator, keep=()):
 
     Returns the images and {t: x_t} for each t in `keep` (the denoising pictures).
     """
-    # Per-step constants as Python floats, so that the loop spends its time in the network.
-    schedule_lists = tuple(schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars"))
+    constants = schedule_lists(schedule)  # so that the loop spends its time in the network
     x_t = torch.randn(shape, device=schedule["betas"].device, generator=generator)
     kept = {}
     for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
-        x_t = sample_step(model, x_t, t, schedule_lists, generator)
+        x_t = sample_step(model, x_t, t, constants, generator)
         if t in keep:
             kept[t] = x_t.clamp(-1, 1).cpu()
     return x_t.clamp(-1, 1), kept
