@@ -193,12 +193,19 @@ def test_lesson01_checkpoint_is_refused(tmp_path):
     (["--dataset", "imagenet"], "--dataset: invalid choice"),
     (["--resume", "--sample-only"], "cannot be used together"),
 ])
-def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path):
-    result = lesson("--out", tmp_path / "out", *flags)
+def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, lesson02, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lesson02.parse_args(["--out", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_a_bad_flag_on_the_command_line_stops_before_any_work(tmp_path):
+    result = lesson("--out", tmp_path / "out", "--epochs", "0")
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
-    assert not (tmp_path / "out").exists()
+    assert result.stderr.strip().endswith("error: argument --epochs: must be at least 1, got 0")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_mixed_precision_on_cpu_is_refused_not_swapped(tiny_data_dir, tmp_path):

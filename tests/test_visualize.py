@@ -33,9 +33,19 @@ def test_npz_keeps_uint8_nhwc_and_labels(tmp_path):
 
 def test_denoising_gif_and_strip(tmp_path):
     frames = [torch.full((4, 1, 28, 28), value) for value in (-1.0, 0.0, 1.0)]
-    gif = imageio.mimread(visualize.save_denoising_gif(frames, tmp_path / "d.gif"))
-    assert len(gif) >= 3  # the held final frame may be merged by the GIF writer
-    assert gif[0].mean() < gif[-1].mean()
+    path = visualize.save_denoising_gif(frames, tmp_path / "d.gif")
+    gif = imageio.mimread(path)
+    assert len(gif) == 3
+    assert gif[0].mean() < gif[1].mean() < gif[-1].mean()
+    from PIL import Image
+
+    durations = []
+    with Image.open(path) as animation:  # what a browser plays: 80 ms per frame, the last held 1.5 s
+        for index in range(animation.n_frames):
+            animation.seek(index)
+            durations.append(animation.info["duration"])
+        assert animation.info.get("loop") == 0
+    assert durations == [80, 80, 1500]
     strip = imageio.imread(visualize.save_denoising_strip(frames, [999, 500, 0], tmp_path / "d.png", rows=2))
     assert strip.ndim == 3 and strip.shape[1] > strip.shape[0]
 

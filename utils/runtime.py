@@ -88,6 +88,17 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
 def writable_dir(text):
     """argparse type: a folder that exists and is writable, or that can be created."""
     path = Path(text)

@@ -13,8 +13,8 @@ import torch
 from torchvision.utils import make_grid
 
 DISPLAY_SCALE = 2  # 28-pixel images are tiny on a screen; upscale by pixel repetition
-GIF_SECONDS_PER_FRAME = 0.08
-GIF_FINAL_HOLD_FRAMES = 12  # show the finished samples for about a second before the loop restarts
+GIF_MS_PER_FRAME = 80
+GIF_FINAL_HOLD_MS = 1500  # show the finished samples for a while before the loop restarts
 
 
 def to_uint8(images):
@@ -49,8 +49,8 @@ def save_samples_npz(images, path, labels=None):
 def save_denoising_gif(frames, path, nrow=None):
     """frames: list of N x C x H x W tensors from noise to image; one grid per GIF frame."""
     pictures = [grid_image(frame, nrow) for frame in frames]
-    pictures += [pictures[-1]] * GIF_FINAL_HOLD_FRAMES
-    imageio.mimsave(path, pictures, duration=GIF_SECONDS_PER_FRAME, loop=0)
+    durations = [GIF_MS_PER_FRAME] * (len(pictures) - 1) + [GIF_FINAL_HOLD_MS]  # Pillow reads milliseconds
+    imageio.mimsave(path, pictures, duration=durations, loop=0)
     return Path(path)
 
 
@@ -64,6 +64,26 @@ def save_denoising_strip(frames, steps, path, rows=4):
     axis.set_xticks([cell * (index + 0.5) for index in range(len(frames))], [str(step) for step in steps], fontsize=7)
     axis.set_yticks([])
     axis.set_xlabel("timestep t (noise at the left, sample at the right)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+def save_labeled_grid(images, row_labels, column_labels, path, row_title="", column_title=""):
+    """A PNG grid of [-1, 1] images (rows x columns, row-major) with a label beside each row and column."""
+    columns = len(column_labels)
+    picture = grid_image(images, nrow=columns)
+    figure, axis = plt.subplots(figsize=(max(6, columns * 0.75), len(row_labels) * 0.75 + 1.2))
+    axis.imshow(picture)
+    cell_width, cell_height = picture.shape[1] / columns, picture.shape[0] / len(row_labels)
+    axis.set_xticks([cell_width * (index + 0.5) for index in range(columns)], column_labels, fontsize=7,
+                    rotation=30)
+    axis.set_yticks([cell_height * (index + 0.5) for index in range(len(row_labels))], row_labels, fontsize=8)
+    axis.set_xlabel(column_title)
+    axis.set_ylabel(row_title)
+    axis.xaxis.set_label_position("top")
+    axis.xaxis.tick_top()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

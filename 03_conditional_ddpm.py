@@ -1,0 +1,531 @@
+"""Lesson 03: class-conditional DDPM with classifier-free guidance.
+
+Paper: Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022, arXiv:2207.12598.
+Builds on: lesson 02 (the U-Net, cosine schedule, posterior sampler, EMA, AdamW with warm-up).
+New here:
+  - a class embedding added to the time embedding, with a learned "no class" token;
+  - label dropout, so that one network learns both p(x | c) and p(x);
+  - guided sampling eps = (1 + w) eps(x, c) - w eps(x), both predictions in one doubled batch.
+Left out: several GPUs and mixed precision (see lesson 02); fast sampling (04); latent space (05).
+
+CPU:  python 03_conditional_ddpm.py    MEASURED_CPU
+GPU:  python 03_conditional_ddpm.py --device cuda --epochs 40 --width 32    MEASURED_GPU
+Writes to outputs/03_conditional_ddpm/: checkpoint.pt, samples.png (one row per class), samples.npz
+(images and labels), guidance.png (rows: w, columns: classes), denoising.gif, denoising.png, loss.png,
+metrics.csv.
+"""
+import argparse
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils import data, visualize
+from utils.runtime import (
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint,
+    non_negative_float, pick_device, positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
+)
+
+LESSON = "03_conditional_ddpm"
+T = 1000  # number of diffusion steps
+COSINE_OFFSET = 0.008  # Improved DDPM Section 3.2: s
+MAX_BETA = 0.999  # Improved DDPM Section 3.2: betas clipped at 0.999
+NUM_CLASSES = 10  # every dataset of the course has ten classes
+ATTENTION_LEVEL = 1  # self-attention at the second resolution (14x14 for MNIST, 16x16 for CIFAR-10)
+EMA_WARMUP = 10  # EMA decay rises as (1 + step) / (10 + step) towards --ema-decay
+SWEEP_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # guidance strengths w in guidance.png, one row each
+LOG_EVERY = 50  # steps between rows of metrics.csv
+GIF_FRAMES = 40  # snapshots of the reverse process kept for denoising.gif
+STRIP_STEPS = (999, 800, 600, 400, 300, 200, 100, 50, 0)  # timesteps shown in denoising.png
+ARCHITECTURE_KEYS = ("channels", "image_size", "width", "channel_mults", "num_res_blocks", "num_classes")
+
+
+# --- arguments ---
+
+def channel_mults(text):
+    """argparse type: '1,2,4' -> (1, 2, 4), one multiplier of --width per resolution."""
+    try:
+        mults = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if len(mults) < 2 or min(mults) < 1:
+        raise argparse.ArgumentTypeError(f"need at least two multipliers, each at least 1, got {text!r}")
+    return mults
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Lesson 03: train a class-conditional DDPM, then sample with guidance.")
+    parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
+                        help="training images (default: mnist, or another one found here when mnist is not)")
+    parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int, default=4, help="passes over the training set")
+    length.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps instead")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate after warm-up "
+                        "(paper: 2e-4 at 64x64; a small model in a short run learns faster at 1e-3)")
+    parser.add_argument("--warmup-steps", type=int, default=200, help="steps of linear learning-rate warm-up")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights "
+                        "(paper: 0.9999)")
+    parser.add_argument("--p-uncond", type=float, default=0.1,
+                        help="probability of dropping a label during training (paper: 0.1 or 0.2)")
+    parser.add_argument("--guidance-scale", type=non_negative_float, default=2.0,
+                        help="guidance strength w >= 0 of Ho & Salimans; w = 0 is plain conditional sampling. "
+                             "Libraries that call 1 + w the guidance scale (diffusers) use guidance_scale = w + 1")
+    parser.add_argument("--class-label", type=int, default=None,
+                        help=f"sample only this class (0..{NUM_CLASSES - 1}); default: one row per class")
+    parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (paper: 128)")
+    parser.add_argument("--channel-mults", type=channel_mults, default=(1, 2, 4), help="width multiplier per resolution")
+    parser.add_argument("--num-res-blocks", type=positive_int, default=1, help="ResNet blocks per resolution")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in ResNet blocks (paper: 0.1 on CIFAR-10)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for data order, noise and sampling")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
+    parser.add_argument("--num-samples", type=positive_int, default=60,
+                        help="images to generate at the end, split evenly over the classes")
+    parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
+    parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
+    args = parser.parse_args(argv)
+    if args.resume and args.sample_only:
+        parser.error("--resume and --sample-only cannot be used together")
+    if args.class_label is not None and not 0 <= args.class_label < NUM_CLASSES:
+        parser.error(f"--class-label must be between 0 and {NUM_CLASSES - 1}, got {args.class_label}")
+    if not 0.0 <= args.p_uncond < 1.0:
+        parser.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.warmup_steps < 0:
+        parser.error("--warmup-steps cannot be negative")
+    for channels in (args.width * mult for mult in args.channel_mults):
+        if channels % norm_groups(channels):
+            parser.error(f"--width {args.width} gives a layer of {channels} channels, which GroupNorm cannot split "
+                         f"into {norm_groups(channels)} groups; make every layer a multiple of 4 channels")
+    return args
+
+
+# --- noise schedule (lesson 02's cosine schedule) ---
+# Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers.
+
+def make_schedule(device):
+    """Per-step constants of the forward process and the posterior, each [T], float32 on `device`."""
+    steps = torch.arange(T + 1, dtype=torch.float64)
+    # Improved DDPM Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(pi/2 * (t/T + s) / (1 + s)).
+    f = torch.cos((steps / T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)  # Improved DDPM Section 3.2
+    alphas = 1 - betas
+    alpha_bars = torch.cumprod(alphas, dim=0)
+    alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+    schedule = {
+        "betas": betas, "alpha_bars": alpha_bars,
+        # DDPM Eq. 7: the mean and variance of q(x_{t-1} | x_t, x_0).
+        "posterior_x0_weights": alpha_bars_prev.sqrt() * betas / (1 - alpha_bars),
+        "posterior_xt_weights": alphas.sqrt() * (1 - alpha_bars_prev) / (1 - alpha_bars),
+        "posterior_variances": (1 - alpha_bars_prev) / (1 - alpha_bars) * betas,
+    }
+    return {key: values.float().to(device) for key, values in schedule.items()}
+
+
+def add_noise(x0, t, eps, schedule):
+    """Sample x_t ~ q(x_t | x_0) (DDPM Eq. 4): x0, eps [B, C, H, W], t [B] -> x_t [B, C, H, W]."""
+    alpha_bar_t = schedule["alpha_bars"][t].view(-1, 1, 1, 1)
+    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps
+
+
+# --- model: lesson 02's U-Net, told which class to draw ---
+
+def norm_groups(channels):
+    """GroupNorm groups: 32 as in DDPM, fewer for narrow layers so that a group has 4+ channels."""
+    return max(1, min(32, channels // 4))
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention across the H*W positions, with a residual: [B, C, H, W] -> same."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)  # [B, C, HW] each
+        # softmax(q^T k / sqrt(C)) v (Vaswani et al. 2017, Eq. 1): weights [B, HW, HW] over all positions.
+        weights = torch.softmax((q / math.sqrt(channels)).transpose(1, 2) @ k, dim=-1)  # scale the small q
+        h = v @ weights.transpose(1, 2)  # [B, C, HW]: each position a weighted mix of every position's v
+        return x + self.out(h.reshape(batch, channels, height, width))
+
+
+class ResBlock(nn.Module):
+    """DDPM's residual block, optionally followed by self-attention: [B, in, H, W] -> [B, out, H, W]."""
+
+    def __init__(self, in_channels, out_channels, embedding_dim, dropout, attention=False):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.embedding = nn.Linear(embedding_dim, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        same = in_channels == out_channels
+        self.shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
+        self.attention = SelfAttention(out_channels) if attention else nn.Identity()
+
+    def forward(self, x, embedding):
+        h = self.conv1(F.silu(self.norm1(x)))
+        # The embedding now carries the class as well as the timestep: one bias per channel from both.
+        h = h + self.embedding(F.silu(embedding))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attention(self.shortcut(x) + h)
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: ResNet blocks, then a resize or (at the ends) none."""
+
+    def __init__(self, blocks, resize):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resize = resize
+
+
+class ConditionalUNet(nn.Module):
+    """eps_pred = model(x_t, t, labels): [B, C, H, W], [B], [B] -> [B, C, H, W].
+
+    labels are 0 .. num_classes - 1, or num_classes (`null_class`) for "no class": the unconditional model.
+    """
+
+    def __init__(self, channels=1, width=16, channel_mults=(1, 2, 4), num_res_blocks=1, dropout=0.0,
+                 num_classes=NUM_CLASSES):
+        super().__init__()
+        self.width, self.null_class = width, num_classes
+        embedding_dim = 4 * width
+        self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
+                                      nn.Linear(embedding_dim, embedding_dim))
+        # Ho & Salimans Section 3.2: one learned vector per class plus one for the null token, added to
+        # the time embedding, so the class reaches every ResNet block the way the timestep does.
+        self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim)
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        skip_channels, current = [width], width
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mults):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(current, width * mult, embedding_dim, dropout, level == ATTENTION_LEVEL))
+                current = width * mult
+                skip_channels.append(current)
+            downsample = None
+            if level < len(channel_mults) - 1:
+                downsample = nn.Conv2d(current, current, 3, stride=2, padding=1)
+                skip_channels.append(current)
+            self.down.append(Level(blocks, downsample))
+        self.middle = nn.ModuleList([ResBlock(current, current, embedding_dim, dropout, attention=True),
+                                     ResBlock(current, current, embedding_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(current + skip_channels.pop(), width * mult, embedding_dim, dropout,
+                                       level == ATTENTION_LEVEL))
+                current = width * mult
+            upsample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                     nn.Conv2d(current, current, 3, padding=1))
+            self.up.append(Level(blocks, upsample if level > 0 else None))
+        self.head = nn.Sequential(nn.GroupNorm(norm_groups(current), current), nn.SiLU(),
+                                  nn.Conv2d(current, channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x_t, t, labels):
+        embedding = self.time_mlp(timestep_embedding(t, self.width)) + self.class_embedding(labels)
+        h = self.stem(x_t)
+        skips = [h]
+        for level in self.down:
+            for block in level.blocks:
+                h = block(h, embedding)
+                skips.append(h)
+            if level.resize is not None:
+                h = level.resize(h)
+                skips.append(h)
+        for block in self.middle:
+            h = block(h, embedding)
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), embedding)
+            if level.resize is not None:
+                h = level.resize(h)
+        return self.head(h)
+
+
+def build_model(config):
+    """The network a checkpoint's config describes."""
+    return ConditionalUNet(config["channels"], config["width"], tuple(config["channel_mults"]),
+                           config["num_res_blocks"], config.get("dropout", 0.0), config["num_classes"])
+
+
+class EMA:
+    """Exponential moving average of the weights, used for sampling (lesson 02)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (EMA_WARMUP + step))
+        for average, value in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if average.is_floating_point():
+                average.lerp_(value, 1 - decay)  # average = decay * average + (1 - decay) * value
+            else:
+                average.copy_(value)
+
+
+# --- loss ---
+
+def drop_labels(labels, p_uncond, null_class, generator):
+    """Replace each label by the null class with probability p_uncond (Ho & Salimans Algorithm 1, line 3)."""
+    dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < p_uncond
+    return torch.where(dropped, torch.full_like(labels, null_class), labels)
+
+
+def loss_fn(model, x0, labels, schedule, generator, p_uncond):
+    """Ho & Salimans Algorithm 1 on a batch x0 [B, C, H, W] with labels [B]: one scalar loss.
+
+    Dropping labels trains the unconditional model eps(x_t) inside the conditional one, for free.
+    """
+    labels = drop_labels(labels, p_uncond, model.null_class, generator)
+    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    # DDPM's simple loss (Eq. 14), now with the (sometimes dropped) class as an extra input.
+    return F.mse_loss(model(add_noise(x0, t, eps, schedule), t, labels), eps)
+
+
+# --- sampler ---
+
+def guided_eps(model, x_t, t, labels, w):
+    """The guided noise prediction for x_t [N, C, H, W] at timesteps t [N] for classes labels [N].
+
+    w is one guidance strength for the batch, or a tensor [N] of one per image.
+    """
+    if not torch.is_tensor(w) and w == 0:
+        return model(x_t, t, labels)  # w = 0 is the conditional model alone: skip the second half
+    w = torch.as_tensor(w, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1, 1, 1)
+    null = torch.full_like(labels, model.null_class)
+    # Conditional and unconditional predictions in one forward pass of a doubled batch [2N, ...]:
+    # one large batch keeps the CPU's cores busier than two small ones.
+    eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+    # Ho & Salimans Eq. 6: eps = (1 + w) eps(x_t, c) - w eps(x_t): push away from the unconditional
+    # prediction, towards what makes the image more typical of class c. In the convention
+    # eps_uncond + s (eps_cond - eps_uncond) of other libraries, s = 1 + w.
+    return (1 + w) * eps_cond - w * eps_uncond
+
+
+def sample_step(model, x_t, t, labels, w, constants, generator):
+    """One guided reverse step (lesson 02's posterior step): x_t [N, C, H, W] at timestep t -> x_{t-1}."""
+    eps_pred = guided_eps(model, x_t, torch.full((x_t.shape[0],), t, device=x_t.device), labels, w)
+    alpha_bar_t = constants["alpha_bars"][t]
+    # 1. DDPM Eq. 4 solved for x_0, clipped to the data range as in DDPM's code.
+    x0_pred = ((x_t - math.sqrt(1 - alpha_bar_t) * eps_pred) / math.sqrt(alpha_bar_t)).clamp(-1, 1)
+    # 2. DDPM Eq. 7: the mean of q(x_{t-1} | x_t, x_0 = x0_pred).
+    mean = constants["posterior_x0_weights"][t] * x0_pred + constants["posterior_xt_weights"][t] * x_t
+    if t == 0:
+        return mean
+    # 3. Add noise with the posterior's variance beta_tilde_t.
+    noise = torch.randn(x_t.shape, device=x_t.device, generator=generator)
+    return mean + constants["sigmas"][t] * noise
+
+
+@torch.inference_mode()
+def sample(model, schedule, labels, w, x_T, generator, keep=()):
+    """Images of classes labels [N] from the starting noise x_T [N, C, H, W] at guidance w (a float, or
+    a tensor [N]): T reverse steps -> images in [-1, 1], and {t: x_t} for t in `keep`."""
+    constants = {name: schedule[name].tolist() for name in ("alpha_bars", "posterior_x0_weights",
+                                                            "posterior_xt_weights")}
+    constants["sigmas"] = schedule["posterior_variances"].sqrt().tolist()
+    x_t, kept = x_T, {}
+    for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
+        x_t = sample_step(model, x_t, t, labels, w, constants, generator)
+        if t in keep:
+            kept[t] = x_t.clamp(-1, 1).cpu()
+    return x_t.clamp(-1, 1), kept
+
+
+# --- training ---
+
+def learning_rate(step, peak, warmup_steps):
+    """Linear warm-up to `peak`, then constant (EMA does the smoothing)."""
+    return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
+
+
+def make_state(model, ema, optimizer, step, generator, config):
+    """Everything --resume needs to continue exactly where training stopped."""
+    return {"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
+            "epoch": step // config["steps_per_epoch"], "model": model.state_dict(), "ema": ema.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}}
+
+
+def train(args, model, ema, dataset, schedule, config, device, start=None):
+    """Train on dataset.images [N, C, H, W] and dataset.labels [N] (on `device`); writes checkpoints, metrics."""
+    images, labels = dataset.images, dataset.labels
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    step = 0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        ema.model.load_state_dict(start["ema"])
+        optimizer.load_state_dict(start["optimizer"])
+        generator.set_state(start["rng"]["generator"])
+        torch.set_rng_state(start["rng"]["torch"])
+        step = start["step"]
+    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+    checkpoint_path, log = args.out / "checkpoint.pt", MetricsLog(args.out / "metrics.csv", append=start is not None)
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc="training", unit="step")
+    running_loss, window_start, window_steps, order_epoch = 0.0, time.perf_counter(), 0, None
+    with StopRequest() as stop:
+        while step < total_steps and not stop.requested:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:  # a fresh shuffle each epoch, seeded by the epoch for --resume
+                order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
+                order_epoch = epoch
+            batch = order[position * args.batch_size:(position + 1) * args.batch_size].to(device)
+            lr = learning_rate(step, args.lr, args.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(model, images[batch], labels[batch], schedule, generator, args.p_uncond)
+            if not torch.isfinite(loss):
+                raise LessonError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
+                                  f"{checkpoint_path} (try a lower --lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as in lesson 02
+            optimizer.step()
+            ema.update(model, step)
+            step += 1
+            running_loss, window_steps = running_loss + loss.item(), window_steps + 1
+            progress.update(1)
+            if step % LOG_EVERY == 0 or step == total_steps:
+                speed = window_steps * args.batch_size / (time.perf_counter() - window_start)
+                log.write(step, running_loss / window_steps, lr, speed)
+                progress.set_postfix(loss=f"{running_loss / window_steps:.4f}", img_s=f"{speed:.0f}")
+                running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            if step % args.checkpoint_every == 0 or step == total_steps or stop.requested:
+                save_checkpoint(make_state(model, ema, optimizer, step, generator, config), checkpoint_path)
+    progress.close()
+    log.close()
+    if stop.requested:
+        raise Interrupted(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint_path}; "
+                          f"continue with --resume")
+
+
+# --- main ---
+
+def sample_labels(args, device):
+    """--num-samples labels: all --class-label, or the classes in order, an equal run of each."""
+    if args.class_label is not None:
+        return torch.full((args.num_samples,), args.class_label, device=device)
+    per_class = math.ceil(args.num_samples / NUM_CLASSES)
+    return torch.arange(args.num_samples, device=device) // per_class
+
+
+def write_samples(model, schedule, config, args, device):
+    """Sample at --guidance-scale (samples.png/.npz, denoising.gif/.png) and the guidance sweep; return paths."""
+    shape = (config["channels"], config["image_size"], config["image_size"])
+    labels = sample_labels(args, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    x_T = torch.randn((len(labels), *shape), device=device, generator=generator)
+    gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
+    started = time.perf_counter()
+    images, kept = sample(model, schedule, labels, args.guidance_scale, x_T, generator,
+                          keep=gif_steps | set(STRIP_STEPS))
+    print(f"sampled {len(labels)} images at w={args.guidance_scale:g} in {time.perf_counter() - started:.1f} s")
+    per_row = len(labels) if args.class_label is not None else math.ceil(args.num_samples / NUM_CLASSES)
+    paths = [
+        visualize.save_grid(images, args.out / "samples.png", nrow=per_row),
+        visualize.save_samples_npz(images, args.out / "samples.npz", labels=labels),
+        visualize.save_denoising_gif([kept[t] for t in sorted(gif_steps, reverse=True)], args.out / "denoising.gif"),
+        visualize.save_denoising_strip([kept[t] for t in STRIP_STEPS], STRIP_STEPS, args.out / "denoising.png"),
+    ]
+    # The sweep, in one batch: a row of one image per class for each w, every row from the same
+    # starting noise, so that the rows differ only by w (and the noise added along the way).
+    classes = torch.arange(NUM_CLASSES, device=device).repeat(len(SWEEP_WEIGHTS))
+    weights = torch.tensor(SWEEP_WEIGHTS, device=device).repeat_interleave(NUM_CLASSES)
+    x_T = torch.randn((NUM_CLASSES, *shape), device=device, generator=generator).repeat(len(SWEEP_WEIGHTS), 1, 1, 1)
+    started = time.perf_counter()
+    sweep, _ = sample(model, schedule, classes, weights, x_T, generator)
+    print(f"sampled the guidance sweep ({len(classes)} images) in {time.perf_counter() - started:.1f} s")
+    names = data.DATASETS[config["dataset"]].classes
+    paths.append(visualize.save_labeled_grid(sweep, [f"w = {w:g}" for w in SWEEP_WEIGHTS], list(names),
+                                             args.out / "guidance.png", row_title="guidance strength",
+                                             column_title="class"))
+    return paths
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.sample_only:
+        checkpoint = load_checkpoint(args.checkpoint or args.out / "checkpoint.pt", LESSON)
+        config = checkpoint["config"]
+        model = build_model(config).to(device)
+        model.load_state_dict(checkpoint["ema"])
+        for path in write_samples(model.eval(), make_schedule(device), config, args, device):
+            print(f"wrote {path}")
+        return
+    start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
+    dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
+                                      candidates=["mnist", "fashion-mnist"])
+    dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)
+    size = dataset.images.shape[-1]
+    if size % 2 ** (len(args.channel_mults) - 1):
+        raise LessonError(f"{dataset.name} images are {size}x{size}: too small to halve "
+                          f"{len(args.channel_mults) - 1} times; use fewer --channel-mults")
+    steps_per_epoch = max(1, len(dataset.images) // args.batch_size)
+    config = {"dataset": dataset.name, "channels": dataset.images.shape[1], "image_size": size, "width": args.width,
+              "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
+              "dropout": args.dropout, "num_classes": NUM_CLASSES, "p_uncond": args.p_uncond,
+              "batch_size": args.batch_size, "seed": args.seed, "steps_per_epoch": steps_per_epoch,
+              "total_steps": args.max_steps or args.epochs * steps_per_epoch}
+    if start is not None:
+        require_same(start["config"], config, ARCHITECTURE_KEYS + ("dataset", "batch_size", "seed", "p_uncond"),
+                     args.out / "checkpoint.pt")
+    model = build_model(config).to(device)
+    ema = EMA(model, args.ema_decay)
+    schedule = make_schedule(device)
+    print(f"{dataset.name}: {len(dataset.images)} images {tuple(dataset.images.shape[1:])} from {dataset.source}; "
+          f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
+          f"{config['total_steps']} steps of {args.batch_size}; labels dropped with p = {args.p_uncond}")
+    started = time.perf_counter()
+    train(args, model, ema, dataset, schedule, config, device, start)
+    print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
+    paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
+             visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]
+    paths += write_samples(ema.model, schedule, config, args, device)
+    for path in paths:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run(main)
