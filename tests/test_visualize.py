@@ -1,6 +1,7 @@
 """Pictures: the files exist, have the right size, and show the images given."""
 import imageio.v2 as imageio
 import numpy as np
+import pytest
 import torch
 
 from utils import visualize
@@ -55,3 +56,15 @@ def test_loss_curve_from_metrics_csv(tmp_path):
     csv_path.write_text("step,loss,lr,images_per_s\n50,0.2,1e-3,600\n100,0.1,1e-3,610\n")
     picture = imageio.imread(visualize.save_loss_curve(csv_path, tmp_path / "loss.png"))
     assert picture.shape[0] > 100 and picture.shape[1] > 100
+
+
+def test_labeled_grid_has_a_cell_per_image(tmp_path):
+    images = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 28, 28).contiguous()
+    path = visualize.save_labeled_grid(images, ["w = 0", "w = 1"], ["a", "b", "c"], tmp_path / "g.png",
+                                       row_title="guidance", column_title="class")
+    picture = imageio.imread(path)
+    assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # 3 columns wider than 2 rows
+    # The darkest (-1) and brightest (+1) images both made it into the figure.
+    assert picture[..., :3].min() < 30 and picture[..., :3].max() > 225
+    with pytest.raises(ValueError):
+        visualize.save_labeled_grid(images, ["one row"], ["a", "b"], tmp_path / "bad.png")

@@ -5,6 +5,7 @@ Errors a user can fix are raised as `LessonError` and printed by `run` as one li
 """
 import argparse
 import csv
+import math
 import os
 import sys
 import signal
@@ -77,26 +78,25 @@ def positive_int(text):
     return value
 
 
-def positive_float(text):
-    """argparse type: a finite float > 0."""
+def _finite_float(text, accept, requirement):
+    """argparse type helper: a finite float for which accept(value) holds, else a one-line error."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    if not (math.isfinite(value) and accept(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
     return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    return _finite_float(text, lambda value: value > 0, "a finite number above 0")
 
 
 def non_negative_float(text):
     """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value >= 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
-    return value
+    return _finite_float(text, lambda value: value >= 0, "a finite number of at least 0")
 
 
 def writable_dir(text):

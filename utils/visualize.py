@@ -73,6 +73,8 @@ def save_denoising_strip(frames, steps, path, rows=4):
 def save_labeled_grid(images, row_labels, column_labels, path, row_title="", column_title=""):
     """A PNG grid of [-1, 1] images (rows x columns, row-major) with a label beside each row and column."""
     columns = len(column_labels)
+    if len(images) != len(row_labels) * columns:
+        raise ValueError(f"{len(images)} images do not fill {len(row_labels)} rows of {columns} columns")
     picture = grid_image(images, nrow=columns)
     figure, axis = plt.subplots(figsize=(max(6, columns * 0.75), len(row_labels) * 0.75 + 1.2))
     axis.imshow(picture)
