@@ -544,6 +544,9 @@ def setup_processes(device_name):
     if device.type == "mps":
         raise LessonError("several processes cannot share one Apple MPS device; run without torchrun")
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise LessonError(f"process {local_rank} on this machine has no GPU: {torch.cuda.device_count()} visible; "
+                              f"start at most that many processes per machine, or use --device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:  # the processes on this machine share its cores

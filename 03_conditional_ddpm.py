@@ -381,7 +381,8 @@ def make_state(model, ema, optimizer, step, generator, config):
     return {"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
             "epoch": step // config["steps_per_epoch"], "model": model.state_dict(), "ema": ema.model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}}
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
 
 
 def train(args, model, ema, dataset, schedule, config, device, start=None):
@@ -396,6 +397,8 @@ def train(args, model, ema, dataset, schedule, config, device, start=None):
         optimizer.load_state_dict(start["optimizer"])
         generator.set_state(start["rng"]["generator"])
         torch.set_rng_state(start["rng"]["torch"])
+        if start["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(start["rng"]["cuda"])  # dropout on a GPU draws from it
         step = start["step"]
     steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
     checkpoint_path, log = args.out / "checkpoint.pt", MetricsLog(args.out / "metrics.csv", append=start is not None)

@@ -86,7 +86,7 @@ def assert_same_states(a, b):
 
 def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(tiny_data_dir, tmp_path, lesson02):
     # Dropout on, so that the random state of dropout must be restored too.
-    common = ["--data-dir", str(tiny_data_dir), *TINY, "--dropout", "0.1", "--num-samples", "1"]
+    common = ["--data-dir", str(tiny_data_dir), *TINY, "--dropout", "0.1", "--num-samples", "1", "--device", "cpu"]
     lesson02.main(["--out", str(tmp_path / "straight"), "--max-steps", "24", *common])
     lesson02.main(["--out", str(tmp_path / "split"), "--max-steps", "12", *common])
     lesson02.main(["--out", str(tmp_path / "split"), "--max-steps", "24", "--resume", *common])
@@ -141,7 +141,7 @@ def test_two_processes_with_gloo(tiny_data_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "02_ddpm.py"), "--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "6",
-               *TINY]
+               "--device", "cpu", *TINY]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sampled 2 images") == 1  # rank 0 only
@@ -152,6 +152,17 @@ def test_two_processes_with_gloo(tiny_data_dir, tmp_path):
     assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])
     assert np.load(out / "samples.npz")["images"].shape == (2, 28, 28, 1)
     assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no stray temporary files
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch, lesson02):
+    monkeypatch.setattr(lesson02, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device on a missing GPU"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(lesson02.LessonError, match="process 1 on this machine has no GPU: 1 visible"):
+        lesson02.setup_processes("auto")
 
 
 def test_resume_refuses_a_different_architecture(tiny_data_dir, tmp_path, lesson02, capsys):

@@ -157,7 +157,7 @@ def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch):
 
 def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(small_data_dir, tmp_path, lesson03, monkeypatch):
     monkeypatch.setattr(lesson03, "write_samples", lambda *arguments: [])  # the training state is what counts
-    common = ["--data-dir", str(small_data_dir), *TINY, "--num-samples", "1", "--dropout", "0.1"]
+    common = ["--data-dir", str(small_data_dir), *TINY, "--num-samples", "1", "--dropout", "0.1", "--device", "cpu"]
     lesson03.main(["--out", str(tmp_path / "straight"), "--max-steps", "20", *common])
     lesson03.main(["--out", str(tmp_path / "split"), "--max-steps", "10", *common])
     lesson03.main(["--out", str(tmp_path / "split"), "--max-steps", "20", "--resume", *common])
