@@ -152,7 +152,8 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, lesson):
-    """Load a checkpoint of `lesson` safely (weights_only: it never runs code) onto the CPU."""
+    """Load a checkpoint of `lesson` (a name, or a tuple of names any of which will do) safely
+    (weights_only: it never runs code) onto the CPU."""
     path = Path(path)
     if not path.is_file():
         raise LessonError(f"no checkpoint at {path}")
@@ -163,8 +164,9 @@ def load_checkpoint(path, lesson):
         raise LessonError(f"{path} is not a readable checkpoint (truncated, corrupt or unsafe): {reason}") from None
     if not isinstance(state, dict) or "lesson" not in state or "format" not in state:
         raise LessonError(f"{path} is not a checkpoint of this course")
-    if state["lesson"] != lesson:
-        raise LessonError(f"{path} is a checkpoint of lesson {state['lesson']}, not of {lesson}")
+    lessons = (lesson,) if isinstance(lesson, str) else tuple(lesson)
+    if state["lesson"] not in lessons:
+        raise LessonError(f"{path} is a checkpoint of lesson {state['lesson']}, not of {' or '.join(lessons)}")
     if state["format"] != CHECKPOINT_FORMAT:
         raise LessonError(f"{path} has checkpoint format {state['format']}, this code reads format {CHECKPOINT_FORMAT}")
     return state

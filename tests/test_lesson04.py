@@ -1,0 +1,165 @@
+"""Lesson 04: DDIM against Song et al. 2021 and DDPM, lesson 02 checkpoints, the command line."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_lesson
+from utils.runtime import run
+
+
+@pytest.fixture(scope="module")
+def lesson04():
+    return load_lesson("04_ddim_fast_sampling.py")
+
+
+@pytest.fixture(scope="module")
+def lesson02():
+    return load_lesson("02_ddpm.py")
+
+
+@pytest.mark.parametrize("skip", ["uniform", "quadratic"])
+@pytest.mark.parametrize("steps", [1, 10, 50, 333, 1000])
+def test_timestep_sequences_are_valid(lesson04, skip, steps):
+    taus = lesson04.timestep_sequence(steps, skip)
+    assert len(taus) == steps and taus[0] == 0  # sampling ends at the first timestep
+    assert all(a < b for a, b in zip(taus, taus[1:]))  # increasing and distinct (walked backwards)
+    assert taus[-1] <= 999
+    if steps == 1000:
+        assert taus == list(range(1000))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_sigma_eta_1_is_the_ddpm_posterior_std(lesson04, lesson02, schedule):
+    alpha_bars = lesson04.make_alpha_bars(schedule, "cpu").double().tolist()
+    ddpm = lesson02.make_schedule(schedule, "cpu")
+    for t in (1, 10, 500, 990):  # consecutive steps: the posterior's beta_tilde_t
+        sigma = lesson04.ddim_sigma(alpha_bars[t], alpha_bars[t - 1], eta=1.0)
+        assert sigma ** 2 == pytest.approx(ddpm["posterior_variances"][t].item(), rel=1e-3)
+    # Skipping steps (t -> s): the posterior q(x_s | x_t, x_0) of the two-step forward process.
+    t, s = 800, 600
+    beta_ts = 1 - alpha_bars[t] / alpha_bars[s]
+    expected = (1 - alpha_bars[s]) / (1 - alpha_bars[t]) * beta_ts
+    assert lesson04.ddim_sigma(alpha_bars[t], alpha_bars[s], 1.0) ** 2 == pytest.approx(expected, rel=1e-9)
+    assert lesson04.ddim_sigma(alpha_bars[t], alpha_bars[s], 0.0) == 0.0
+
+
+def test_ddim_with_every_step_and_eta_1_is_the_ddpm_step(lesson04, lesson02):
+    """Mean and variance of Eq. 12 with eta = 1 between consecutive steps equal DDPM's ancestral step (Eq. 7
+    with beta_tilde), for the same noise prediction."""
+    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    ddpm = lesson02.make_schedule("cosine", "cpu")
+    constants = lesson02.sampling_constants(ddpm, "posterior")
+    eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x_t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def model(x, t):
+        return eps
+
+    for t in (5, 300, 700):
+        # With a zero-noise generator draw subtracted out, compare the means: run each with the same seed.
+        ddim = lesson04.ddim_step(model, x_t, t, t - 1, alpha_bars.tolist(), 1.0, torch.Generator().manual_seed(9),
+                                  clip_x0=False)
+        ddpm_next, _ = lesson02.sample_step(model, x_t, t, constants, torch.Generator().manual_seed(9), clip_x0=False)
+        assert torch.allclose(ddim, ddpm_next, atol=1e-4), t
+
+
+def test_eta_0_is_deterministic_and_eta_1_is_not(lesson04, lesson02):
+    torch.manual_seed(0)
+    model = lesson02.UNet(1, 8, (1, 2), 1).eval()
+    with torch.no_grad():  # move the zero-initialised output layer, so that the network predicts something
+        model.head[-1].weight.normal_(0, 0.1)
+    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    x_T = torch.randn(2, 1, 8, 8)
+    a, _ = lesson04.ddim_sample(model, alpha_bars, x_T, 10, eta=0.0)
+    b, _ = lesson04.ddim_sample(model, alpha_bars, x_T, 10, eta=0.0)
+    assert torch.equal(a, b)
+    c, _ = lesson04.ddim_sample(model, alpha_bars, x_T, 10, eta=1.0, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, c)
+
+
+def test_oracle_inversion_and_sampling_round_trip(lesson04):
+    """With the exact noise prediction for a single data point, inversion then sampling returns the image."""
+    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    x0 = torch.rand(2, 1, 8, 8) * 1.6 - 0.8
+
+    def oracle(x_t, t):
+        alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
+        return (x_t - alpha_bar_t.sqrt() * x0) / (1 - alpha_bar_t).sqrt()
+
+    noise = lesson04.ddim_invert(oracle, alpha_bars, x0, 20)
+    # With one data point the oracle's ODE path is x_t = sqrt(alpha_bar_t) x0 + tiny noise: far from x0 at the top.
+    assert not torch.allclose(noise, x0, atol=0.1)
+    back, _ = lesson04.ddim_sample(oracle, alpha_bars, noise, 20)
+    assert torch.allclose(back, x0, atol=1e-3)
+
+
+def test_lesson02_checkpoint_loads_and_predicts_the_same(tiny_data_dir, tmp_path, lesson02, lesson04):
+    """04's copy of the network must stay compatible with 02's checkpoints."""
+    out = tmp_path / "l02"
+    common = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "3", "--width", "8",
+              "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1"]
+    lesson02.main(common)
+    model04, config = lesson04.load_model(out / "checkpoint.pt", "cpu")
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    model02 = lesson02.build_model(checkpoint["config"])
+    model02.load_state_dict(checkpoint["ema"])
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(model04(x, t), model02.eval()(x, t))
+    assert config["schedule"] == "cosine"
+
+
+def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson02, lesson04, capsys):
+    l02 = tmp_path / "l02"
+    lesson02.main(["--data-dir", str(tiny_data_dir), "--out", str(l02), "--max-steps", "3", "--width", "8",
+                   "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1"])
+    out = tmp_path / "l04"
+    lesson04.main(["--checkpoint", str(l02 / "checkpoint.pt"), "--data-dir", str(tiny_data_dir), "--out", str(out),
+                   "--steps", "5", "--num-samples", "3"])
+    for name in ("samples.png", "samples.npz", "denoising.gif", "denoising.png", "steps.png", "inversion.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert np.load(out / "samples.npz")["images"].shape == (3, 28, 28, 1)
+    assert "reconstruction RMS error" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--steps", "1001"], "--steps must be at most T = 1000"),
+    (["--steps", "0"], "--steps: must be at least 1"),
+    (["--eta", "-0.1"], "--eta: must be a finite number of at least 0"),
+    (["--skip", "cubic"], "--skip: invalid choice"),
+    (["--resume", "--checkpoint", "x.pt"], "--resume continues training"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, expected, lesson04, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        lesson04.parse_args(["--out", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_a_lesson03_checkpoint_is_refused(tmp_path, capsys, lesson04):
+    from utils.runtime import CHECKPOINT_FORMAT, save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": "03_conditional_ddpm", "config": {}}, path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: lesson04.main(["--checkpoint", str(path), "--out", str(tmp_path / "out")]))
+    assert exit_info.value.code == 1
+    assert "lesson 03_conditional_ddpm, not of 02_ddpm or 04_ddim_fast_sampling" in capsys.readouterr().err
+
+
+def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_dir, tmp_path, lesson04):
+    out = tmp_path / "out"
+    tiny = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--width", "8", "--channel-mults", "1,2",
+            "--batch-size", "16", "--steps", "4", "--num-samples", "2"]
+    lesson04.main([*tiny, "--max-steps", "6"])
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["lesson"] == "04_ddim_fast_sampling" and state["step"] == 6
+    assert (out / "metrics.csv").read_text().splitlines()[-1].startswith("6,")
+    lesson04.main([*tiny, "--max-steps", "9", "--resume"])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 9
+    (out / "samples.npz").unlink()
+    lesson04.main([*tiny, "--sample-only"])
+    assert np.load(out / "samples.npz")["images"].shape == (2, 28, 28, 1)
