@@ -37,7 +37,6 @@ BETA_START, BETA_END = 1e-4, 0.02  # DDPM's linear schedule (lesson 02)
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
 ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's checkpoints
 EMA_WARMUP = 10
-QUADRATIC_SPAN = 0.8  # DDIM Appendix D.2: quadratic steps reach up to about 0.8 T before the last jump
 STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
 STEPS_FIGURE_ROWS = 8  # starting noises in steps.png
@@ -313,8 +312,10 @@ def timestep_sequence(steps, skip="uniform"):
         # tau_i = floor(c i) with c = T / S: evenly spaced, 0, T/S, 2T/S, ...
         taus = [int(i * T / steps) for i in range(steps)]
     else:
-        # tau_i = floor(c i^2) with c = 0.8 T / S^2: dense at small t, where the details are decided.
-        taus = [int(QUADRATIC_SPAN * T * i * i / steps ** 2) for i in range(steps)]
+        # tau_i = floor(c i^2): dense at small t, where the details are decided. The paper's c = 0.8 T / S^2
+        # ends near t = 0.8 T, which is almost pure noise on its linear schedule but not on the cosine one
+        # (alpha_bar = 0.13 there), so here c makes the last step reach T - 1 on either schedule.
+        taus = [int((T - 1) * i * i / max(1, steps - 1) ** 2) for i in range(steps)]
         for i in range(1, steps):  # at small i, floor(c i^2) repeats: keep the steps distinct
             taus[i] = max(taus[i], taus[i - 1] + 1)
     return taus
