@@ -351,7 +351,8 @@ def ddim_step(model, x_t, t, t_prev, alpha_bars, eta, generator, clip_x0=True):
 
 @torch.inference_mode()
 def ddim_sample(model, alpha_bars, x_T, steps, eta=0.0, skip="uniform", generator=None, clip_x0=True, keep=0):
-    """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` DDIM steps; also `keep` snapshots along the way."""
+    """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` DDIM steps; also about `keep` snapshots
+    along the way, as (timestep, x_t) pairs."""
     constants = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
     taus = timestep_sequence(steps, skip)
     x_t, kept = x_T, []
@@ -360,7 +361,7 @@ def ddim_sample(model, alpha_bars, x_T, steps, eta=0.0, skip="uniform", generato
         t_prev = taus[index - 1] if index > 0 else -1
         x_t = ddim_step(model, x_t, taus[index], t_prev, constants, eta, generator, clip_x0)
         if every and (index % every == 0):
-            kept.append(x_t.clamp(-1, 1).cpu())
+            kept.append((max(t_prev, 0), x_t.clamp(-1, 1).cpu()))  # (timestep reached, x at it)
     return x_t.clamp(-1, 1), kept
 
 
@@ -451,9 +452,12 @@ def write_figures(model, alpha_bars, config, args, device, images):
           f"({args.steps} DDIM steps, eta = {args.eta:g}, {args.skip})")
     paths = [visualize.save_grid(samples, args.out / "samples.png"),
              visualize.save_samples_npz(samples, args.out / "samples.npz"),
-             visualize.save_denoising_gif([x_T.clamp(-1, 1).cpu(), *kept], args.out / "denoising.gif")]
-    strip = [x_T.clamp(-1, 1).cpu(), *kept[::max(1, len(kept) // 8)]]
-    paths.append(visualize.save_denoising_strip(strip, ["noise", *[""] * (len(strip) - 1)], args.out / "denoising.png"))
+             visualize.save_denoising_gif([x_T.clamp(-1, 1).cpu(), *[x for _, x in kept]], args.out / "denoising.gif")]
+    strip = kept[::max(1, len(kept) // 8)]
+    if strip[-1] is not kept[-1]:
+        strip.append(kept[-1])  # always end at the finished sample
+    paths.append(visualize.save_denoising_strip([x_T.clamp(-1, 1).cpu(), *[x for _, x in strip]],
+                                                ["noise", *[str(t) for t, _ in strip]], args.out / "denoising.png"))
     # The same starting noises at each step count, deterministic (eta = 0): each row should agree with itself.
     count = min(STEPS_FIGURE_ROWS, args.num_samples)
     rows = [ddim_sample(model, alpha_bars, x_T[:count], steps, 0.0, args.skip, None, args.clip_x0)[0]
