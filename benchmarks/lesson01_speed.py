@@ -9,22 +9,15 @@ bare network calls on the same batch; the difference is the time spent outside t
 Writes benchmarks/results/lesson01_speed.csv and .md, and prints the markdown table.
 """
 import argparse
-import csv
-import importlib.util
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-spec = importlib.util.spec_from_file_location("lesson01", ROOT / "01_ddpm_toy.py")
-lesson01 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lesson01)
+from common import load_lesson, write_results
+from utils.runtime import pick_device
 
-from utils.runtime import pick_device  # noqa: E402
+lesson01 = load_lesson("01_ddpm_toy.py")
 
 TRAIN_STEPS = 15
 SAMPLE_STEPS = 50
@@ -105,19 +98,9 @@ def main():
               "ratio": ""},
              {"measure": "sampling: share of step time outside the network", "value":
               f"{max(0.0, 1 - per_call / per_step) * 100:.1f} %", "ratio": ""}]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "lesson01_speed.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["measure", "value", "ratio"])
-        writer.writeheader()
-        writer.writerows(rows)
-    table = ["| measure | value | ratio to default |", "|---|---|---|"]
-    table += [f"| {row['measure']} | {row['value']} | {row['ratio']} |" for row in rows]
     command = "python benchmarks/lesson01_speed.py" + (" --compile" if args.compile else "")
-    text = "\n".join(table) + f"\n\nMeasured with `{command}` ({torch.get_num_threads()} threads, torch {torch.__version__}).\n"
-    (out / "lesson01_speed.md").write_text(text)
-    print(text)
-
+    write_results(rows, "lesson01_speed",
+                  f"Measured with `{command}` ({torch.get_num_threads()} threads, torch {torch.__version__}).")
 
 if __name__ == "__main__":
     main()

@@ -11,23 +11,17 @@ share of sampling time spent outside the network. Writes benchmarks/results/less
 and .md, and prints the markdown table.
 """
 import argparse
-import csv
-import importlib.util
 import statistics
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-spec = importlib.util.spec_from_file_location("lesson02", ROOT / "02_ddpm.py")
-lesson02 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lesson02)
+from common import load_lesson, write_results
+from utils.runtime import pick_device
 
-from utils.runtime import pick_device  # noqa: E402
+lesson02 = load_lesson("02_ddpm.py")
 
 WARMUP_STEPS = 3
 SAMPLE_STEPS = 50
@@ -129,21 +123,10 @@ def main():
               "ratio": ""},
              {"measure": "sampling: share of step time outside the network",
               "value": f"{max(0.0, 1 - per_call / per_step) * 100:.1f} %", "ratio": ""}]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"lesson02_speed_{device.type}"
-    with open(out / f"{stem}.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["measure", "value", "ratio"])
-        writer.writeheader()
-        writer.writerows(rows)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     command = " ".join(["python benchmarks/lesson02_speed.py", *sys.argv[1:]])
-    table = ["| measure | value | ratio to default |", "|---|---|---|"]
-    table += [f"| {row['measure']} | {row['value']} | {row['ratio']} |" for row in rows]
-    text = "\n".join(table) + f"\n\nMeasured with `{command}` on {machine}, torch {torch.__version__}.\n"
-    (out / f"{stem}.md").write_text(text)
-    print(text)
-
+    write_results(rows, f"lesson02_speed_{device.type}",
+                  f"Measured with `{command}` on {machine}, torch {torch.__version__}.")
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 import gzip
 import importlib.util
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def load_lesson(filename):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_lesson(filename, *args, timeout=300, env=None):
+    """Run a lesson file as a learner does, in a fresh interpreter; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / filename), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 """Lesson 01 from the command line, as a learner runs it, with tiny settings."""
-import os
 import signal
 import subprocess
 import sys
@@ -9,17 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-from utils import data
+from conftest import ROOT, run_lesson
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--batch-size", "32", "--num-samples", "4"]
 OUTPUTS = ["checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif", "denoising.png"]
 
 
-def lesson(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "01_ddpm_toy.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def lesson(*args):
+    return run_lesson("01_ddpm_toy.py", *args)
 
 
 def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):

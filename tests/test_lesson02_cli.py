@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_lesson, write_idx
+from conftest import ROOT, run_lesson, load_lesson, write_idx
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "2", "--warmup-steps", "5"]
@@ -21,9 +21,8 @@ def lesson02():
     return load_lesson("02_ddpm.py")
 
 
-def lesson(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "02_ddpm.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+def lesson(*args):
+    return run_lesson("02_ddpm.py", *args)
 
 
 def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):

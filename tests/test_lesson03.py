@@ -1,12 +1,10 @@
 """Lesson 03: classifier-free guidance against Ho & Salimans 2022, and the lesson from the command line."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_lesson, write_idx
+from conftest import load_lesson, run_lesson, write_idx
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "4", "--warmup-steps", "5"]
@@ -125,8 +123,7 @@ def test_sample_labels_give_one_row_per_class(lesson03):
 
 
 def lesson(*args):
-    return subprocess.run([sys.executable, str(ROOT / "03_conditional_ddpm.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_lesson("03_conditional_ddpm.py", *args)
 
 
 def test_end_to_end_writes_every_output_with_labels(small_data_dir, tmp_path):

@@ -1,5 +1,4 @@
 """Lesson 04: DDIM against Song et al. 2021 and DDPM, lesson 02 checkpoints, the command line."""
-import math
 
 import numpy as np
 import pytest

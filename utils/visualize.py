@@ -58,16 +58,9 @@ def save_denoising_strip(frames, steps, path, rows=4):
     """A PNG with one row per image and one column per recorded step (noise on the left)."""
     chosen = torch.stack([frame[:rows] for frame in frames], dim=1)  # rows x steps x C x H x W
     picture = grid_image(chosen.flatten(0, 1), nrow=len(frames))
-    figure, axis = plt.subplots(figsize=(max(6, len(frames) * 0.6), rows * 0.7 + 0.8))
-    axis.imshow(picture)
-    cell = picture.shape[1] / len(frames)
-    axis.set_xticks([cell * (index + 0.5) for index in range(len(frames))], [str(step) for step in steps], fontsize=7)
-    axis.set_yticks([])
-    axis.set_xlabel("timestep t (noise at the left, sample at the right)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return Path(path)
+    return _save_with_labels(picture, path, (max(6, len(frames) * 0.6), rows * 0.7 + 0.8),
+                             [str(step) for step in steps], [None] * rows,
+                             column_title="timestep t (noise at the left, sample at the right)")
 
 
 def save_labeled_grid(images, row_labels, column_labels, path, row_title="", column_title=""):
@@ -76,16 +69,27 @@ def save_labeled_grid(images, row_labels, column_labels, path, row_title="", col
     if len(images) != len(row_labels) * columns:
         raise ValueError(f"{len(images)} images do not fill {len(row_labels)} rows of {columns} columns")
     picture = grid_image(images, nrow=columns)
-    figure, axis = plt.subplots(figsize=(max(6, columns * 0.75), len(row_labels) * 0.75 + 1.2))
+    return _save_with_labels(picture, path, (max(6, columns * 0.75), len(row_labels) * 0.75 + 1.2),
+                             list(column_labels), list(row_labels), column_title, row_title, on_top=True)
+
+
+def _save_with_labels(picture, path, figsize, column_labels, row_labels, column_title="", row_title="",
+                      on_top=False):
+    """Write a grid picture with a tick label centred on each column and row (row labels None: no ticks)."""
+    figure, axis = plt.subplots(figsize=figsize)
     axis.imshow(picture)
-    cell_width, cell_height = picture.shape[1] / columns, picture.shape[0] / len(row_labels)
-    axis.set_xticks([cell_width * (index + 0.5) for index in range(columns)], column_labels, fontsize=7,
-                    rotation=30)
-    axis.set_yticks([cell_height * (index + 0.5) for index in range(len(row_labels))], row_labels, fontsize=8)
+    cell_width, cell_height = picture.shape[1] / len(column_labels), picture.shape[0] / len(row_labels)
+    axis.set_xticks([cell_width * (index + 0.5) for index in range(len(column_labels))], column_labels, fontsize=7,
+                    rotation=30 if on_top else 0)
+    if any(label is not None for label in row_labels):
+        axis.set_yticks([cell_height * (index + 0.5) for index in range(len(row_labels))], row_labels, fontsize=8)
+    else:
+        axis.set_yticks([])
     axis.set_xlabel(column_title)
     axis.set_ylabel(row_title)
-    axis.xaxis.set_label_position("top")
-    axis.xaxis.tick_top()
+    if on_top:
+        axis.xaxis.set_label_position("top")
+        axis.xaxis.tick_top()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -1,0 +1,31 @@
+"""What the benchmark scripts share: loading a lesson file, and writing a result table as CSV and markdown."""
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # so that lessons can import utils
+
+
+def load_lesson(filename):
+    """Import a lesson file (its name starts with a digit, so `import` cannot)."""
+    spec = importlib.util.spec_from_file_location(Path(filename).stem, ROOT / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_results(rows, stem, footer):
+    """rows of {measure, value, ratio} -> RESULTS/stem.csv and stem.md (a table, then `footer`); prints the md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["measure", "value", "ratio"])
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| measure | value | ratio to default |", "|---|---|---|"]
+    table += [f"| {row['measure']} | {row['value']} | {row['ratio']} |" for row in rows]
+    text = "\n".join(table) + f"\n\n{footer}\n"
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
