@@ -39,6 +39,7 @@ ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's check
 EMA_WARMUP = 10
 STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
+INVERSION_STEPS = (10, 20, 50, 100, 200)  # step counts of inversion_error.png
 STEPS_FIGURE_ROWS = 8  # starting noises in steps.png
 LOG_EVERY = 50
 GIF_FRAMES = 25  # snapshots along the DDIM chain for denoising.gif
@@ -441,7 +442,7 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
 # --- main ---
 
 def write_figures(model, alpha_bars, config, args, device, images):
-    """samples.png/.npz, denoising.gif/.png, steps.png and inversion.png; returns their paths."""
+    """samples.png/.npz, denoising.gif/.png, steps.png, inversion.png, inversion_error.png; returns the paths."""
     shape = (config["channels"], config["image_size"], config["image_size"])
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x_T = torch.randn((args.num_samples, *shape), device=device, generator=generator)
@@ -465,15 +466,22 @@ def write_figures(model, alpha_bars, config, args, device, images):
     paths.append(visualize.save_labeled_grid(torch.stack(rows, dim=1).flatten(0, 1), [str(i) for i in range(count)],
                                              [f"{steps} steps" for steps in STEP_COUNTS], args.out / "steps.png",
                                              row_title="starting noise", column_title="DDIM, eta = 0"))
-    # Inversion: training images -> their noise -> back again.
+    # Inversion: training images -> their noise -> back again, at --steps, then at each of INVERSION_STEPS.
     originals = images[:INVERSION_IMAGES].to(device)
-    noise = ddim_invert(model, alpha_bars, originals, args.steps, args.skip)
-    reconstructions, _ = ddim_sample(model, alpha_bars, noise, args.steps, 0.0, args.skip, None, args.clip_x0)
-    error = (reconstructions - originals).pow(2).mean().sqrt().item()
-    print(f"inversion with {args.steps} steps: reconstruction RMS error {error:.4f} (images span [-1, 1])")
-    figure = torch.stack([originals, noise.clamp(-3, 3) / 3, reconstructions], dim=0).flatten(0, 1)
-    paths.append(visualize.save_labeled_grid(figure, ["original", "inverted noise", "reconstruction"],
-                                             [str(i) for i in range(INVERSION_IMAGES)], args.out / "inversion.png"))
+    errors = {}
+    for steps in sorted({args.steps, *INVERSION_STEPS}):
+        noise = ddim_invert(model, alpha_bars, originals, steps, args.skip)
+        reconstructions, _ = ddim_sample(model, alpha_bars, noise, steps, 0.0, args.skip, None, args.clip_x0)
+        errors[steps] = (reconstructions - originals).pow(2).mean().sqrt().item()
+        print(f"inversion with {steps} steps: reconstruction RMS error {errors[steps]:.4f} (images span [-1, 1])")
+        if steps == args.steps:
+            figure = torch.stack([originals, noise.clamp(-3, 3) / 3, reconstructions], dim=0).flatten(0, 1)
+            paths.append(visualize.save_labeled_grid(
+                figure, ["original", "inverted noise", "reconstruction"], [str(i) for i in range(INVERSION_IMAGES)],
+                args.out / "inversion.png", column_title=f"DDIM inversion and sampling, {steps} steps"))
+    paths.append(visualize.save_curve(list(errors), list(errors.values()), args.out / "inversion_error.png",
+                                      "DDIM steps (inversion, then sampling)", "reconstruction RMS error",
+                                      log_x=True, marker="o"))
     return paths
 
 

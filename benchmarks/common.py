@@ -17,14 +17,14 @@ def load_lesson(filename):
     return module
 
 
-def write_results(rows, stem, footer):
+def write_results(rows, stem, footer, ratio_header="ratio to default"):
     """rows of {measure, value, ratio} -> RESULTS/stem.csv and stem.md (a table, then `footer`); prints the md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{stem}.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["measure", "value", "ratio"])
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| measure | value | ratio to default |", "|---|---|---|"]
+    table = [f"| measure | value | {ratio_header} |", "|---|---|---|"]
     table += [f"| {row['measure']} | {row['value']} | {row['ratio']} |" for row in rows]
     text = "\n".join(table) + f"\n\n{footer}\n"
     (RESULTS / f"{stem}.md").write_text(text)

@@ -65,6 +65,27 @@ def write_mnist_like(folder, count=256, split="train", compress=True):
     return images, labels
 
 
+def class_pictures(count, seed):
+    """28x28 uint8 images whose class (0-9) decides where a bright square sits (a 2 x 5 grid of places,
+    5 pixels apart, so the classifier's 2-pixel training shifts keep classes apart): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, count)
+    images = rng.integers(0, 30, (count, 28, 28)).astype(np.uint8)
+    for image, label in zip(images, labels):
+        row, column = 3 + 11 * (label // 5), 2 + 5 * (label % 5)
+        image[row:row + 4, column:column + 4] = rng.integers(180, 256)
+    return images, labels
+
+
+def write_learnable_mnist(data_dir):
+    """An 'MNIST' of class_pictures in torchvision's layout: 2048 training and 512 test images."""
+    for prefix, count, seed in (("train", 2048, 0), ("t10k", 512, 1)):
+        images, labels = class_pictures(count, seed)
+        write_idx(data_dir / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(data_dir / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
+    return data_dir
+
+
 @pytest.fixture
 def tiny_data_dir(tmp_path):
     """A --data-dir holding a 256-image 'MNIST' of squares in torchvision's layout."""

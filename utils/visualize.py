@@ -96,19 +96,28 @@ def _save_with_labels(picture, path, figsize, column_labels, row_labels, column_
     return Path(path)
 
 
-def save_loss_curve(metrics_csv, path):
-    """Plot the loss column of a metrics.csv against the step column (log scale)."""
-    with open(metrics_csv, newline="") as file:
-        rows = list(csv.DictReader(file))
-    steps = [int(row["step"]) for row in rows]
-    losses = [float(row["loss"]) for row in rows]
+def save_curve(xs, ys, path, xlabel, ylabel, log_x=False, log_y=False, marker=None):
+    """A PNG of one line, ys against xs."""
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot(steps, losses)
-    axis.set_yscale("log")
-    axis.set_xlabel("training step")
-    axis.set_ylabel("loss (MSE of predicted noise)")
+    axis.plot(xs, ys, marker=marker)
+    if log_x:
+        axis.set_xscale("log")
+        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.minorticks_off()
+    if log_y:
+        axis.set_yscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
     axis.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return Path(path)
+
+
+def save_loss_curve(metrics_csv, path):
+    """Plot the loss column of a metrics.csv against the step column (log scale)."""
+    with open(metrics_csv, newline="") as file:
+        rows = list(csv.DictReader(file))
+    return save_curve([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows], path,
+                      "training step", "loss (MSE of predicted noise)", log_y=True)
