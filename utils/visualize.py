@@ -54,13 +54,14 @@ def save_denoising_gif(frames, path, nrow=None):
     return Path(path)
 
 
-def save_denoising_strip(frames, steps, path, rows=4):
+def save_denoising_strip(frames, steps, path, rows=4,
+                         column_title="timestep t (noise at the left, sample at the right)"):
     """A PNG with one row per image and one column per recorded step (noise on the left)."""
     chosen = torch.stack([frame[:rows] for frame in frames], dim=1)  # rows x steps x C x H x W
     picture = grid_image(chosen.flatten(0, 1), nrow=len(frames))
     return _save_with_labels(picture, path, (max(6, len(frames) * 0.6), rows * 0.7 + 0.8),
                              [str(step) for step in steps], [None] * rows,
-                             column_title="timestep t (noise at the left, sample at the right)")
+                             column_title=column_title)
 
 
 def save_labeled_grid(images, row_labels, column_labels, path, row_title="", column_title=""):
@@ -115,9 +116,9 @@ def save_curve(xs, ys, path, xlabel, ylabel, log_x=False, log_y=False, marker=No
     return Path(path)
 
 
-def save_loss_curve(metrics_csv, path):
+def save_loss_curve(metrics_csv, path, ylabel="loss (MSE of predicted noise)"):
     """Plot the loss column of a metrics.csv against the step column (log scale)."""
     with open(metrics_csv, newline="") as file:
         rows = list(csv.DictReader(file))
     return save_curve([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows], path,
-                      "training step", "loss (MSE of predicted noise)", log_y=True)
+                      "training step", ylabel, log_y=True)

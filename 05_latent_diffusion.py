@@ -1,0 +1,656 @@
+"""Lesson 05: latent diffusion, the idea behind Stable Diffusion, at laptop scale.
+
+Paper: Rombach, Blattmann, Lorenz, Esser & Ommer, "High-Resolution Image Synthesis with Latent
+Diffusion Models", 2022, arXiv:2112.10752 (also: Kingma & Welling, "Auto-Encoding Variational Bayes",
+2014, arXiv:1312.6114).
+Builds on: lesson 02 (U-Net, cosine schedule, EMA, training) and lesson 04 (DDIM sampling).
+New here:
+  - stage 1: a variational autoencoder that compresses each image 4x per side (f = 4) into a small
+    latent, regularised towards N(0, I) by a small KL term, and a scale factor for unit-variance latents;
+  - stage 2: the DDPM objective on latents instead of pixels, then DDIM in latent space and one decode.
+Left out: the perceptual and adversarial losses of the paper's autoencoders, and text conditioning.
+
+CPU:  python 05_latent_diffusion.py    MEASURED_CPU
+GPU:  python 05_latent_diffusion.py --device cuda    (not measured yet)
+Writes to outputs/05_latent_diffusion/: autoencoder.pt, checkpoint.pt, reconstructions.png, latents.png,
+samples.png, samples.npz, denoising.gif, denoising.png, loss.png, autoencoder_loss.png, metrics.csv,
+autoencoder_metrics.csv.
+"""
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils import data, visualize
+from utils.runtime import (
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint,
+    non_negative_float, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
+    writable_dir,
+)
+
+LESSON = "05_latent_diffusion"
+AUTOENCODER_LESSON = "05_latent_diffusion/autoencoder"  # the `lesson` name inside autoencoder.pt
+T = 1000  # diffusion timesteps, as in lessons 02-04
+COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
+ATTENTION_MAX_SIZE = 16  # self-attention at resolutions of 16x16 and below (DDPM: at 16x16)
+EMA_WARMUP = 10  # as in lesson 02
+WARMUP_STEPS = 200  # learning-rate warm-up of both stages (lesson 02)
+GRAD_CLIP = 1.0  # lesson 02
+LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's log-variance, as the paper's code does, against overflow
+LOG_EVERY = 50
+CHECKPOINT_EVERY = 500
+SHOWN_IMAGES = 8  # images in reconstructions.png and latents.png
+GIF_FRAMES = 25
+COST_STEPS = 5  # timed training steps per space for the latent-vs-pixel cost
+
+
+# --- arguments ---
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Lesson 05: an autoencoder, then diffusion in its latent space.")
+    parser.add_argument("--stage", choices=["autoencoder", "diffusion", "all"], default="all",
+                        help="train the autoencoder, the latent diffusion model (reusing OUT/autoencoder.pt), or both")
+    parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
+                        help="training images (default: mnist, or another one found here when mnist is not)")
+    parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    parser.add_argument("--autoencoder-epochs", type=positive_int, default=2, help="stage 1 passes over the data")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int, default=15, help="stage 2 passes over the data")
+    length.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop each stage after this many steps instead")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step, both stages")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate of stage 2 "
+                        "(paper: 1e-4 to 2e-4 for much larger models)")
+    parser.add_argument("--autoencoder-lr", type=positive_float, default=2e-3,
+                        help="Adam learning rate of stage 1 (paper: 4.5e-6 x batch size)")
+    parser.add_argument("--kl-weight", type=non_negative_float, default=1e-4,
+                        help="weight of the KL term per latent element against the L1 error per pixel (paper: 1e-6)")
+    parser.add_argument("--latent-channels", type=positive_int, default=4, help="C of the latent (paper: 3 or 4)")
+    parser.add_argument("--autoencoder-width", type=positive_int, default=16,
+                        help="autoencoder channels at full resolution (paper: 128)")
+    parser.add_argument("--width", type=positive_int, default=32, help="latent U-Net channels (paper: 192 to 256)")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (paper: 0.9999)")
+    parser.add_argument("--steps", type=positive_int, default=50, help=f"DDIM sampling steps, at most T = {T}")
+    parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM's eta (lesson 04): 0 deterministic")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
+    parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate")
+    parser.add_argument("--resume", action="store_true", help="continue the stage(s) from OUT's checkpoints")
+    parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
+    args = parser.parse_args(argv)
+    if args.steps > T:
+        parser.error(f"--steps must be at most T = {T}, the number of training timesteps, got {args.steps}")
+    if args.resume and args.sample_only:
+        parser.error("--resume and --sample-only cannot be used together")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    for name, width in (("--width", args.width), ("--autoencoder-width", args.autoencoder_width)):
+        if width % 4:
+            parser.error(f"{name} must be a multiple of 4 (GroupNorm splits layers into groups of 4), got {width}")
+    return args
+
+
+# --- noise schedule (lesson 02's cosine schedule; only alpha_bar is needed) ---
+# Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers.
+
+def make_alpha_bars(device):
+    """alpha_bar_t for t = 0 .. T-1 ([T], float32): Improved DDPM Eq. 17, betas clipped at 0.999."""
+    steps = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((steps / T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
+    return torch.cumprod(1 - betas, dim=0).float().to(device)
+
+
+def add_noise(z0, t, eps, alpha_bars):
+    """z_t ~ q(z_t | z_0) (DDPM Eq. 4), on latents: z0, eps [B, C, h, w], t [B] -> z_t."""
+    alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
+    return alpha_bar_t.sqrt() * z0 + (1 - alpha_bar_t).sqrt() * eps
+
+
+# --- building blocks, shared by the autoencoder and the U-Net ---
+
+def norm_groups(channels):
+    """GroupNorm groups: 32 as in the papers, fewer for narrow layers so that a group has 4+ channels."""
+    return max(1, min(32, channels // 4))
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual (lesson 02): [B, C, H, W] -> same."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)
+        # softmax(q^T k / sqrt(C)) v (Vaswani et al. 2017, Eq. 1)
+        weights = torch.softmax((q / math.sqrt(channels)).transpose(1, 2) @ k, dim=-1)
+        return x + self.out((v @ weights.transpose(1, 2)).reshape(batch, channels, height, width))
+
+
+class ResBlock(nn.Module):
+    """Lesson 02's residual block: [B, in, H, W] -> [B, out, H, W]. With embedding_dim = 0 it has no time
+    input, as in the autoencoder; with attention it is followed by self-attention."""
+
+    def __init__(self, in_channels, out_channels, embedding_dim=0, attention=False):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time = nn.Linear(embedding_dim, out_channels) if embedding_dim else None
+        self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.attention = SelfAttention(out_channels) if attention else nn.Identity()
+
+    def forward(self, x, embedding=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time is not None:
+            h = h + self.time(F.silu(embedding))[:, :, None, None]  # one bias per channel from the timestep
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.attention(self.shortcut(x) + h)
+
+
+# --- stage 1: the autoencoder ---
+
+class Autoencoder(nn.Module):
+    """A VAE with f = 4: images [B, C, H, W] -> latents [B, latent_channels, H/4, W/4] -> images.
+
+    28x28x1 -> 7x7x4 (4x fewer numbers), 32x32x3 -> 8x8x4 (12x fewer). The encoder outputs the mean and
+    log-variance of a diagonal Gaussian q(z | x) per latent element (LDM Section 3.1, "KL-reg").
+    """
+
+    def __init__(self, channels=1, width=16, latent_channels=4):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), ResBlock(width, width),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), ResBlock(2 * width, 2 * width),  # H/2
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), ResBlock(4 * width, 4 * width),  # H/4
+            nn.GroupNorm(norm_groups(4 * width), 4 * width), nn.SiLU(),
+            nn.Conv2d(4 * width, 2 * latent_channels, 3, padding=1))  # mean and log-variance
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, 4 * width, 3, padding=1), ResBlock(4 * width, 4 * width),
+            nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(4 * width, 2 * width, 3, padding=1),
+            ResBlock(2 * width, 2 * width),  # H/2
+            nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(2 * width, width, 3, padding=1),
+            ResBlock(width, width),  # H
+            nn.GroupNorm(norm_groups(width), width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
+
+    def encode(self, x):
+        """Images -> (mean, log-variance) of q(z | x), each [B, latent_channels, H/4, W/4]."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def decode(self, z):
+        """Unscaled latents [B, latent_channels, H/4, W/4] -> images [B, C, H, W], about [-1, 1]."""
+        return self.decoder(z)
+
+
+def kl_divergence(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, in closed form (Kingma & Welling 2014,
+    Appendix B): 0.5 (mean^2 + sigma^2 - 1 - log sigma^2). Same shape as mean."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar)
+
+
+def autoencoder_loss(autoencoder, x, kl_weight, generator):
+    """-> (loss, L1 error): the L1 error per pixel plus kl_weight x the KL per latent element, on x [B, C, H, W].
+
+    L1, not L2: squared error punishes large errors most and is content to blur edges a little everywhere;
+    the paper's autoencoders use L1 as their pixel loss (plus perceptual and adversarial terms, left out here).
+    """
+    mean, logvar = autoencoder.encode(x)
+    # Reparameterisation (Kingma & Welling 2014, Section 2.4): z = mean + sigma * eps, differentiable in both.
+    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, device=x.device, generator=generator)
+    l1 = (autoencoder.decode(z) - x).abs().mean()
+    return l1 + kl_weight * kl_divergence(mean, logvar).mean(), l1
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder, images, device, batch_size=500):
+    """All images -> (means, standard deviations) of q(z | x), [N, latent_channels, h, w] each, on `device`."""
+    means, stds = [], []
+    for batch in images.split(batch_size):
+        mean, logvar = autoencoder.encode(batch.to(device))
+        means.append(mean)
+        stds.append((0.5 * logvar).exp())
+    return torch.cat(means), torch.cat(stds)
+
+
+def latent_scale(means, stds, generator):
+    """LDM Section 4.3.2 / Appendix G: scale latents by 1 / their standard deviation, measured on the data,
+    so that z0 has unit variance like the noise it is mixed with. Returns that factor as a float."""
+    z = means + stds * torch.randn(means.shape, device=means.device, generator=generator)
+    return 1.0 / z.std().item()
+
+
+# --- stage 2: the latent U-Net (lesson 02's, for small latents) ---
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class UNet(nn.Module):
+    """eps_pred = model(z_t, t): [B, C, h, w] and [B] -> [B, C, h, w], two resolutions (7x7 and 4x4 for
+    7x7 latents), one ResBlock each way per resolution, attention at every resolution of 16 or less.
+
+    Upsampling goes to the size of the matching skip, so odd sizes such as 7 work (7 -> 4 -> 7).
+    """
+
+    def __init__(self, channels=4, width=32, channel_mults=(1, 2), size=7):
+        super().__init__()
+        self.width = width
+        embedding_dim = 4 * width
+        self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
+                                      nn.Linear(embedding_dim, embedding_dim))
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        sizes = [math.ceil(size / 2 ** level) for level in range(len(channel_mults))]
+        widths = [width * mult for mult in channel_mults]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        current = width
+        for level, (level_size, level_width) in enumerate(zip(sizes, widths)):
+            self.down.append(ResBlock(current, level_width, embedding_dim, level_size <= ATTENTION_MAX_SIZE))
+            current = level_width
+            if level < len(widths) - 1:
+                self.downsample.append(nn.Conv2d(current, current, 3, stride=2, padding=1))
+        self.middle = ResBlock(current, current, embedding_dim, attention=True)
+        self.up = nn.ModuleList()
+        for level_size, level_width in reversed(list(zip(sizes, widths))):
+            self.up.append(ResBlock(current + level_width, level_width, embedding_dim,
+                                    level_size <= ATTENTION_MAX_SIZE))
+            current = level_width
+        self.head = nn.Sequential(nn.GroupNorm(norm_groups(current), current), nn.SiLU(),
+                                  nn.Conv2d(current, channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)  # as in lesson 02: the network starts by predicting 0
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, z_t, t):
+        embedding = self.time_mlp(timestep_embedding(t, self.width))
+        h = self.stem(z_t)
+        skips = []
+        for level, block in enumerate(self.down):
+            h = block(h, embedding)
+            skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+        h = self.middle(h, embedding)
+        for block in self.up:
+            skip = skips.pop()
+            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")  # 4x4 -> 7x7: nearest, as lesson 02
+            h = block(torch.cat([h, skip], dim=1), embedding)
+        return self.head(h)
+
+
+class EMA:
+    """Exponential moving average of the weights (lesson 02): the weights used for sampling."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (EMA_WARMUP + step))  # lesson 02's warm-up
+        for average, value in zip(self.model.parameters(), model.parameters()):
+            average.lerp_(value, 1 - decay)
+
+
+# --- loss and sampler in latent space ---
+
+def loss_fn(model, z0, alpha_bars, generator):
+    """DDPM Algorithm 1 on scaled latents z0 [B, C, h, w] (LDM Eq. 2): E ||eps - eps_theta(z_t, t)||^2."""
+    t = torch.randint(0, T, (z0.shape[0],), device=z0.device, generator=generator)
+    eps = torch.randn(z0.shape, device=z0.device, generator=generator)
+    return F.mse_loss(model(add_noise(z0, t, eps, alpha_bars), t), eps)
+
+
+def ddim_timesteps(steps):
+    """Lesson 04's uniform sub-sequence tau_i = floor(i T / S), i = 0 .. S-1 (DDIM Section 4.2)."""
+    return [int(i * T / steps) for i in range(steps)]
+
+
+@torch.inference_mode()
+def ddim_sample(model, alpha_bars, z_T, steps, eta=0.0, generator=None, keep=0):
+    """Noise z_T [N, C, h, w] -> scaled latents z_0 in `steps` DDIM steps (DDIM Eq. 12 and 16, as in
+    lesson 04), and about `keep` snapshots of the predicted z_0 along the way.
+
+    Unlike pixels, latents have no fixed range: the predicted z_0 is not clipped.
+    """
+    constants = alpha_bars.tolist()
+    taus = ddim_timesteps(steps)
+    z_t, kept = z_T, []
+    every = max(1, steps // keep) if keep else 0
+    for index in tqdm(range(steps - 1, -1, -1), desc=f"DDIM {steps} steps", leave=False):
+        t = taus[index]
+        alpha_bar_t = constants[t]
+        alpha_bar_prev = constants[taus[index - 1]] if index > 0 else 1.0
+        eps_pred = model(z_t, torch.full((z_t.shape[0],), t, device=z_t.device))
+        # 1. predicted z_0: DDPM Eq. 4 solved for z_0.
+        z0_pred = (z_t - math.sqrt(1 - alpha_bar_t) * eps_pred) / math.sqrt(alpha_bar_t)
+        # 2. DDIM Eq. 16: sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev).
+        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
+        # 3. DDIM Eq. 12: z_prev = sqrt(alpha_bar_prev) z0_pred + sqrt(1 - alpha_bar_prev - sigma^2) eps_pred + sigma noise.
+        z_t = math.sqrt(alpha_bar_prev) * z0_pred + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma ** 2)) * eps_pred
+        if sigma > 0:
+            z_t = z_t + sigma * torch.randn(z_t.shape, device=z_t.device, generator=generator)
+        if every and index % every == 0:
+            kept.append((t, z0_pred))
+    return z_t, kept
+
+
+# --- training (one loop for both stages) ---
+
+def train(args, stage, model, optimizer, lr, batch_loss, count, total_steps, checkpoint, path, start,
+          after_step=None):
+    """Lesson 02's loop over `count` training items: warm-up, clipping, a fresh shuffle per epoch,
+    checkpoints, Ctrl-C.
+
+    batch_loss(indices) -> (loss, number to log); after_step(step) runs after each update (EMA);
+    checkpoint(step) -> the dict to save at `path`; `start`: a checkpoint to resume from (its optimizer
+    and RNG states are restored here).
+    """
+    step = 0
+    if start is not None:
+        optimizer.load_state_dict(start["optimizer"])
+        torch.set_rng_state(start["rng"]["torch"])
+        step = start["step"]
+    log = MetricsLog(args.out / f"{'autoencoder_' if stage == 'autoencoder' else ''}metrics.csv",
+                     append=start is not None)
+    progress = tqdm(total=total_steps, initial=step, desc=f"training the {stage}", unit="step")
+    logged, window_start, window_steps, order_epoch = 0.0, time.perf_counter(), 0, None
+    steps_per_epoch = count // args.batch_size
+    with StopRequest() as stop:
+        while step < total_steps and not stop.requested:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:  # a fresh shuffle each epoch, seeded by the epoch for --resume
+                order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed + epoch))
+                order_epoch = epoch
+            indices = order[position * args.batch_size:(position + 1) * args.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
+            loss, shown = batch_loss(indices)
+            if not torch.isfinite(loss):
+                raise LessonError(f"the {stage} loss became {loss.item()} at step {step}; the last good checkpoint "
+                                  f"is {path} (try a lower learning rate)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
+            if after_step is not None:
+                after_step(step)
+            step += 1
+            logged, window_steps = logged + shown, window_steps + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{shown:.4f}", refresh=False)
+            if step % LOG_EVERY == 0 or step == total_steps:
+                speed = window_steps * args.batch_size / (time.perf_counter() - window_start)
+                log.write(step, logged / window_steps, optimizer.param_groups[0]["lr"], speed)
+                logged, window_start, window_steps = 0.0, time.perf_counter(), 0
+            if step % CHECKPOINT_EVERY == 0 or step == total_steps or stop.requested:
+                save_checkpoint({**checkpoint(step), "optimizer": optimizer.state_dict(),
+                                 "rng": {"torch": torch.get_rng_state()}}, path)
+    progress.close()
+    log.close()
+    if stop.requested:
+        raise Interrupted(f"interrupted at step {step} of {total_steps} of the {stage}; checkpoint saved to {path}; "
+                          f"continue with --resume")
+
+
+def train_autoencoder(args, images, config, device, start):
+    """Stage 1 on images [N, C, H, W] (on `device`): returns the trained autoencoder in eval mode."""
+    torch.manual_seed(args.seed)
+    autoencoder = Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"]).to(device)
+    if start is not None:
+        autoencoder.load_state_dict(start["model"])
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=args.autoencoder_lr)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if start is not None:
+        generator.set_state(start["generator"])
+
+    def batch_loss(indices):
+        loss, l1 = autoencoder_loss(autoencoder, images[indices.to(device)], config["kl_weight"], generator)
+        return loss, l1.item()  # the log shows the L1 error per pixel, the number a reader can picture
+
+    def checkpoint(step):
+        return {"format": CHECKPOINT_FORMAT, "lesson": AUTOENCODER_LESSON, "config": config, "step": step,
+                "model": autoencoder.state_dict(), "generator": generator.get_state()}
+
+    train(args, "autoencoder", autoencoder, optimizer, args.autoencoder_lr, batch_loss, len(images),
+          config["autoencoder_steps"], checkpoint, args.out / "autoencoder.pt", start)
+    return autoencoder.eval()
+
+
+def train_diffusion(args, latents, scale, autoencoder, config, device, start):
+    """Stage 2 on the latents' (means, stds): returns the EMA U-Net in eval mode."""
+    torch.manual_seed(args.seed)
+    means, stds = latents
+    model = UNet(config["latent_channels"], args.width, (1, 2), means.shape[-1]).to(device)
+    ema = EMA(model, args.ema_decay)
+    if start is not None:
+        model.load_state_dict(start["model"])
+        ema.model.load_state_dict(start["ema"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    if start is not None:
+        generator.set_state(start["generator"])
+    alpha_bars = make_alpha_bars(device)
+
+    def batch_loss(indices):
+        indices = indices.to(device)
+        # A fresh draw from q(z | x) each time (as the paper's code does), scaled to unit variance.
+        noise = torch.randn(means[indices].shape, device=device, generator=generator)
+        z0 = (means[indices] + stds[indices] * noise) * scale
+        loss = loss_fn(model, z0, alpha_bars, generator)
+        return loss, loss.item()
+
+    def checkpoint(step):
+        return {"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": {**config, "scale": scale},
+                "step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "autoencoder": autoencoder.state_dict(), "generator": generator.get_state()}
+
+    train(args, "diffusion model", model, optimizer, args.lr, batch_loss, len(means), config["diffusion_steps"],
+          checkpoint, args.out / "checkpoint.pt", start, after_step=lambda step: ema.update(model, step))
+    return ema.model
+
+
+# --- figures and the latent-vs-pixel cost ---
+
+@torch.no_grad()
+def write_autoencoder_figures(autoencoder, scale, shown, args, source):
+    """reconstructions.png (originals above, reconstructions below) and latents.png for images `shown`."""
+    mean, _ = autoencoder.encode(shown)
+    reconstructions = autoencoder.decode(mean).clamp(-1, 1)
+    error = (reconstructions - shown).abs().mean().item()
+    print(f"autoencoder: L1 error per pixel {error:.4f} on {len(shown)} {source} images (pixels span [-1, 1])")
+    columns = [str(i) for i in range(len(shown))]
+    paths = [visualize.save_labeled_grid(torch.cat([shown, reconstructions]), ["original", "reconstruction"],
+                                         columns, args.out / "reconstructions.png",
+                                         column_title=f"{source} images; L1 error per pixel {error:.3f}")]
+    # Each latent channel, scaled to unit variance, shown at the image's size (nearest) in [-3, 3] -> [-1, 1].
+    latent_maps = F.interpolate(mean * scale / 3, size=shown.shape[-2:], mode="nearest")
+    latent_maps = latent_maps.clamp(-1, 1).unsqueeze(2).expand(-1, -1, shown.shape[1], -1, -1)  # [B, c, C, H, W]
+    grid = torch.cat([shown.unsqueeze(1), latent_maps], dim=1).flatten(0, 1)
+    paths.append(visualize.save_labeled_grid(
+        grid, columns, ["image", *[f"latent {c}" for c in range(mean.shape[1])]], args.out / "latents.png",
+        row_title="image", column_title=f"{mean.shape[-1]}x{mean.shape[-1]} latent channels, enlarged"))
+    return paths
+
+
+def step_cost(model, batch, generator):
+    """Seconds per training step (forward, backward, AdamW) of `model` on `batch`, best of COST_STEPS."""
+    model = copy.deepcopy(model).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    alpha_bars = make_alpha_bars(batch.device)
+    times = []
+    for _ in range(COST_STEPS + 1):  # the first step warms up
+        started = time.perf_counter()
+        loss = loss_fn(model, batch, alpha_bars, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
+def compare_step_cost(model, images, latent_shape, batch_size, device, seed):
+    """Print one training step in latent space against one in pixel space, same batch; return the ratio.
+    The pixel model is a U-Net of lesson 02's default size (width 16, three resolutions)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    latents = torch.randn((batch_size, *latent_shape), device=device, generator=generator)
+    pixel_model = UNet(images.shape[1], 16, (1, 2, 4), images.shape[-1]).to(device)
+    latent_time = step_cost(model, latents, generator)
+    pixel_time = step_cost(pixel_model, images[:batch_size].to(device), generator)
+    print(f"one training step, batch {batch_size}: {latent_time * 1000:.1f} ms on {tuple(latent_shape)} latents, "
+          f"{pixel_time * 1000:.1f} ms on {tuple(images.shape[1:])} pixels: {pixel_time / latent_time:.1f}x cheaper")
+    return pixel_time / latent_time
+
+
+@torch.inference_mode()
+def write_samples(model, autoencoder, scale, config, args, device):
+    """DDIM in latent space, then one decode: samples.png/.npz, denoising.gif/.png; returns the paths."""
+    latent_shape = (config["latent_channels"], config["latent_size"], config["latent_size"])
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    z_T = torch.randn((args.num_samples, *latent_shape), device=device, generator=generator)
+    started = time.perf_counter()
+    z0, kept = ddim_sample(model, make_alpha_bars(device), z_T, args.steps, args.eta, generator, keep=GIF_FRAMES)
+    images = autoencoder.decode(z0 / scale).clamp(-1, 1)  # undo the scale, then decode (LDM Section 3)
+    print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s "
+          f"({args.steps} DDIM steps in latent space, eta = {args.eta:g}, one decode)")
+    # What the sampler believes z_0 to be after each step, decoded: from a blur of every class to a sample.
+    frames = [autoencoder.decode(z0_pred / scale).clamp(-1, 1).cpu() for _, z0_pred in kept]
+    strip = list(range(0, len(kept), max(1, len(kept) // 8)))
+    if strip[-1] != len(kept) - 1:
+        strip.append(len(kept) - 1)
+    return [visualize.save_grid(images, args.out / "samples.png"),
+            visualize.save_samples_npz(images, args.out / "samples.npz"),
+            visualize.save_denoising_gif(frames + [images.cpu()], args.out / "denoising.gif"),
+            visualize.save_denoising_strip([frames[i] for i in strip], [str(kept[i][0]) for i in strip],
+                                           args.out / "denoising.png",
+                                           column_title="timestep t: the predicted z_0 there, decoded")]
+
+
+# --- main ---
+
+AUTOENCODER_KEYS = ("dataset", "channels", "image_size", "autoencoder_width", "latent_channels", "kl_weight")
+
+
+def make_config(args, dataset):
+    images = dataset.images
+    steps_per_epoch = len(images) // args.batch_size
+    if steps_per_epoch == 0:
+        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}")
+    if images.shape[-1] % 4:
+        raise LessonError(f"{dataset.name} images are {images.shape[-1]} pixels wide; f = 4 needs a multiple of 4")
+    return {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[-1],
+            "autoencoder_width": args.autoencoder_width, "latent_channels": args.latent_channels,
+            "latent_size": images.shape[-1] // 4, "kl_weight": args.kl_weight, "width": args.width,
+            "autoencoder_steps": args.max_steps or args.autoencoder_epochs * steps_per_epoch,
+            "diffusion_steps": args.max_steps or args.epochs * steps_per_epoch}
+
+
+def stage_one(args, images, config, device):
+    """Train the autoencoder, or reuse OUT/autoencoder.pt when it is finished and fits this run."""
+    path = args.out / "autoencoder.pt"
+    saved = load_checkpoint(path, AUTOENCODER_LESSON) if path.is_file() and args.stage != "autoencoder" else None
+    if args.stage == "autoencoder" and args.resume:
+        saved = load_checkpoint(path, AUTOENCODER_LESSON)
+    if saved is None and args.stage == "diffusion":
+        raise LessonError(f"--stage diffusion needs a trained autoencoder at {path}; run --stage autoencoder first")
+    if saved is not None:
+        for key in AUTOENCODER_KEYS:
+            if saved["config"][key] != config[key]:
+                raise LessonError(f"{path} was trained with {key}={saved['config'][key]}, this run has "
+                                  f"{key}={config[key]}; use another --out, or delete it to train a new one")
+        finished = saved["step"] >= saved["config"]["autoencoder_steps"]
+        if finished and args.stage != "autoencoder":
+            print(f"reusing the trained autoencoder in {path} (step {saved['step']})")
+            autoencoder = Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"])
+            autoencoder.load_state_dict(saved["model"])
+            return autoencoder.to(device).eval()
+        if not finished and not args.resume:
+            raise LessonError(f"{path} is an unfinished autoencoder (step {saved['step']}); continue it with --resume")
+    return train_autoencoder(args, images, config, device, saved)
+
+
+def stage_two(args, autoencoder, latents, scale, config, device):
+    """Train the latent U-Net on the latents' (means, stds), or continue it with --resume: -> (EMA U-Net, scale)."""
+    path = args.out / "checkpoint.pt"
+    # --stage all --resume after an interrupted stage 1 finds no checkpoint.pt yet: stage 2 starts afresh.
+    start = load_checkpoint(path, LESSON) if args.resume and (path.is_file() or args.stage == "diffusion") else None
+    if start is not None:
+        require_same(start["config"], config, ("dataset", "latent_channels", "autoencoder_width", "width"), path)
+        scale = start["config"]["scale"]  # the scale the model was trained with, not a new measurement
+    return train_diffusion(args, latents, scale, autoencoder, config, device, start), scale
+
+
+def load_for_sampling(path, device):
+    """checkpoint.pt -> (EMA U-Net, autoencoder, scale, config), all in eval mode."""
+    checkpoint = load_checkpoint(path, LESSON)
+    config = checkpoint["config"]
+    model = UNet(config["latent_channels"], config["width"], (1, 2), config["latent_size"])
+    model.load_state_dict(checkpoint["ema"])
+    autoencoder = Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"])
+    autoencoder.load_state_dict(checkpoint["autoencoder"])
+    return model.to(device).eval(), autoencoder.to(device).eval(), config["scale"], config
+
+
+def shown_images(dataset_name, data_dir, fallback):
+    """SHOWN_IMAGES test images for the autoencoder figures (never trained on), else training images."""
+    try:
+        return data.load_dataset(dataset_name, data_dir, "test", download=False).images[:SHOWN_IMAGES], "test"
+    except data.DataUnavailable:
+        return fallback[:SHOWN_IMAGES], "training"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.sample_only:
+        model, autoencoder, scale, config = load_for_sampling(args.checkpoint or args.out / "checkpoint.pt", device)
+        for path in write_samples(model, autoencoder, scale, config, args, device):
+            print(f"wrote {path}")
+        return
+    dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
+                                      candidates=["mnist", "fashion-mnist"])
+    config = make_config(args, dataset)
+    images = dataset.images.to(device)
+    if args.resume and not any((args.out / name).is_file() for name in ("autoencoder.pt", "checkpoint.pt")):
+        raise LessonError(f"--resume: no checkpoint in {args.out} to continue from")
+    autoencoder = stage_one(args, images, config, device)
+    latents = encode_dataset(autoencoder, images, device)
+    scale = latent_scale(*latents, torch.Generator(device=device).manual_seed(args.seed))
+    print(f"latents: {tuple(latents[0].shape[1:])} per image; scale factor {scale:.4f} (1 / their standard "
+          f"deviation), so that the diffusion model sees unit-variance latents")
+    shown, source = shown_images(dataset.name, args.data_dir, dataset.images)
+    paths = write_autoencoder_figures(autoencoder, scale, shown.to(device), args, source)
+    if args.stage != "autoencoder":
+        model, scale = stage_two(args, autoencoder, latents, scale, config, device)
+        compare_step_cost(model, dataset.images, (config["latent_channels"], config["latent_size"],
+                                                  config["latent_size"]), args.batch_size, device, args.seed)
+        paths += write_samples(model, autoencoder, scale, config, args, device)
+        paths.append(visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"))
+    if (args.out / "autoencoder_metrics.csv").is_file():
+        paths.append(visualize.save_loss_curve(args.out / "autoencoder_metrics.csv", args.out / "autoencoder_loss.png",
+                                               ylabel="L1 reconstruction error per pixel"))
+    for path in paths:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run(main)
