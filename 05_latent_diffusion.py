@@ -638,16 +638,17 @@ def main(argv=None):
     print(f"latents: {tuple(latents[0].shape[1:])} per image; scale factor {scale:.4f} (1 / their standard "
           f"deviation), so that the diffusion model sees unit-variance latents")
     shown, source = shown_images(dataset.name, args.data_dir, dataset.images)
-    paths = write_autoencoder_figures(autoencoder, scale, shown.to(device), args, source)
+    paths = [args.out / "autoencoder.pt", *write_autoencoder_figures(autoencoder, scale, shown.to(device), args, source)]
+    if (args.out / "autoencoder_metrics.csv").is_file():
+        paths += [args.out / "autoencoder_metrics.csv", visualize.save_loss_curve(
+            args.out / "autoencoder_metrics.csv", args.out / "autoencoder_loss.png", "L1 reconstruction error per pixel")]
     if args.stage != "autoencoder":
         model, scale = stage_two(args, autoencoder, latents, scale, config, device)
         compare_step_cost(model, dataset.images, (config["latent_channels"], config["latent_size"],
                                                   config["latent_size"]), args.batch_size, device, args.seed)
-        paths += write_samples(model, autoencoder, scale, config, args, device)
-        paths.append(visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"))
-    if (args.out / "autoencoder_metrics.csv").is_file():
-        paths.append(visualize.save_loss_curve(args.out / "autoencoder_metrics.csv", args.out / "autoencoder_loss.png",
-                                               ylabel="L1 reconstruction error per pixel"))
+        paths += [args.out / "checkpoint.pt", args.out / "metrics.csv",
+                  visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),
+                  *write_samples(model, autoencoder, scale, config, args, device)]
     for path in paths:
         print(f"wrote {path}")
 

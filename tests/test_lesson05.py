@@ -1,0 +1,165 @@
+"""Lesson 05: the autoencoder against Kingma & Welling, the latent scale, the latent sampler, both stages' CLI."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import class_pictures, load_lesson, run_lesson, write_idx
+
+
+@pytest.fixture(scope="module")
+def lesson05():
+    return load_lesson("05_latent_diffusion.py")
+
+
+@pytest.fixture
+def small_data_dir(tmp_path):
+    """A 12x12 'MNIST' of 256 images (3x3 latents): both stages run in seconds."""
+    images, labels = class_pictures(256, seed=0)
+    folder = tmp_path / "data" / "MNIST" / "raw"
+    write_idx(folder / "train-images-idx3-ubyte", images[:, 8:20, 2:14])
+    write_idx(folder / "train-labels-idx1-ubyte", labels)
+    return tmp_path / "data"
+
+
+TINY = ["--autoencoder-width", "8", "--width", "8", "--batch-size", "32", "--steps", "5", "--num-samples", "4",
+        "--device", "cpu"]
+
+
+@pytest.mark.parametrize("channels,size,latent_size", [(1, 28, 7), (3, 32, 8)])
+def test_autoencoder_shapes_f4(lesson05, channels, size, latent_size):
+    autoencoder = lesson05.Autoencoder(channels, width=8, latent_channels=4)
+    x = torch.randn(2, channels, size, size)
+    mean, logvar = autoencoder.encode(x)
+    assert mean.shape == logvar.shape == (2, 4, latent_size, latent_size)
+    assert autoencoder.decode(mean).shape == x.shape
+
+
+def test_kl_matches_the_closed_form_of_torch_distributions(lesson05):
+    mean, logvar = torch.randn(3, 4, 7, 7), torch.randn(3, 4, 7, 7)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * logvar).exp()),
+                                                 torch.distributions.Normal(0.0, 1.0))
+    assert torch.allclose(lesson05.kl_divergence(mean, logvar), expected, atol=1e-5)
+    assert lesson05.kl_divergence(torch.zeros(5), torch.zeros(5)).abs().max() == 0  # q = p: no divergence
+
+
+def test_the_scale_factor_gives_unit_standard_deviation(lesson05):
+    generator = torch.Generator().manual_seed(0)
+    means = 5 * torch.randn(512, 4, 7, 7, generator=generator) + 2
+    stds = torch.full_like(means, 0.3)
+    scale = lesson05.latent_scale(means, stds, generator)
+    fresh = (means + stds * torch.randn(means.shape, generator=generator)) * scale  # another draw of q(z | x)
+    assert fresh.std().item() == pytest.approx(1.0, abs=0.01)
+    assert scale == pytest.approx(1 / (25 + 0.09) ** 0.5, rel=0.02)
+
+
+def test_a_short_autoencoder_training_lowers_the_reconstruction_error_clearly(lesson05):
+    torch.manual_seed(0)
+    images = torch.from_numpy(class_pictures(512, seed=1)[0]).float()[:, None] / 127.5 - 1
+    autoencoder = lesson05.Autoencoder(1, width=8, latent_channels=4)
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    errors = []
+    for step in range(120):
+        batch = images[torch.randint(0, len(images), (32,), generator=generator)]
+        loss, l1 = lesson05.autoencoder_loss(autoencoder, batch, 1e-4, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        errors.append(l1.item())
+    assert np.mean(errors[-10:]) < 0.4 * np.mean(errors[:10]), (errors[:10], errors[-10:])
+
+
+def test_latent_unet_handles_odd_sizes_and_starts_at_zero(lesson05):
+    model = lesson05.UNet(channels=4, width=8, channel_mults=(1, 2), size=7)
+    z_t, t = torch.randn(3, 4, 7, 7), torch.tensor([0, 500, 999])
+    assert torch.equal(model(z_t, t), torch.zeros_like(z_t))  # zero-initialised output layer
+
+
+def test_ddim_in_latent_space_reaches_the_single_data_point_of_an_exact_model(lesson05):
+    """With the exact eps for a one-point data set, deterministic DDIM lands on that point from any noise."""
+    alpha_bars = lesson05.make_alpha_bars("cpu")
+    z0 = torch.randn(1, 4, 3, 3) * 2  # latents are not bounded: nothing clips them
+
+    def oracle(z_t, t):
+        alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
+        return (z_t - alpha_bar_t.sqrt() * z0) / (1 - alpha_bar_t).sqrt()
+
+    z_T = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    sampled, kept = lesson05.ddim_sample(oracle, alpha_bars, z_T, 10, keep=5)
+    assert torch.allclose(sampled, z0.expand(2, -1, -1, -1), atol=1e-4)
+    assert len(kept) == 5
+
+
+def lesson(*args):
+    return run_lesson("05_latent_diffusion.py", *args)
+
+
+def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path):
+    out = tmp_path / "out"
+    common = ["--data-dir", small_data_dir, "--out", out, *TINY]
+    first = lesson("--stage", "autoencoder", "--max-steps", "4", *common)
+    assert first.returncode == 0, first.stderr
+    for name in ("autoencoder.pt", "reconstructions.png", "latents.png", "autoencoder_loss.png"):
+        assert (out / name).stat().st_size > 0 and f"wrote {out / name}" in first.stdout
+    assert not (out / "checkpoint.pt").exists()
+    second = lesson("--stage", "diffusion", "--max-steps", "4", *common)
+    assert second.returncode == 0, second.stderr
+    assert "reusing the trained autoencoder" in second.stdout and "cheaper" in second.stdout
+    for name in ("checkpoint.pt", "samples.png", "samples.npz", "denoising.gif", "denoising.png", "loss.png",
+                 "metrics.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
+    (out / "samples.npz").unlink()
+    third = lesson("--sample-only", *common)
+    assert third.returncode == 0, third.stderr
+    assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
+
+
+def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path):
+    def states(out):
+        checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+        return checkpoint["model"], checkpoint["ema"], checkpoint["optimizer"]["state"]
+
+    for out in (tmp_path / "straight", tmp_path / "resumed"):
+        common = ["--data-dir", small_data_dir, "--out", out, *TINY, "--num-samples", "1"]
+        assert lesson("--stage", "autoencoder", "--max-steps", "4", *common).returncode == 0
+    straight = lesson("--stage", "diffusion", "--max-steps", "12", "--data-dir", small_data_dir,
+                      "--out", tmp_path / "straight", *TINY)
+    assert straight.returncode == 0, straight.stderr
+    common = ["--stage", "diffusion", "--data-dir", small_data_dir, "--out", tmp_path / "resumed", *TINY]
+    assert lesson("--max-steps", "5", *common).returncode == 0
+    resumed = lesson("--max-steps", "12", "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    for a, b in zip(states(tmp_path / "straight"), states(tmp_path / "resumed")):
+        for key in a:
+            values_a = a[key] if isinstance(a[key], dict) else {"": a[key]}
+            values_b = b[key] if isinstance(b[key], dict) else {"": b[key]}
+            for name in values_a:
+                assert torch.equal(values_a[name], values_b[name]), (key, name)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--steps", "1001"], "--steps must be at most T = 1000"),
+    (["--eta", "-1"], "--eta: must be a finite number of at least 0"),
+    (["--width", "6"], "--width must be a multiple of 4"),
+    (["--stage", "decoder"], "--stage: invalid choice"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+])
+def test_bad_flags_exit_2_with_one_line(lesson05, flags, expected, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        lesson05.parse_args(["--out", str(tmp_path / "out"), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
+def test_missing_or_mismatched_autoencoder_is_one_line(small_data_dir, tmp_path):
+    out = tmp_path / "out"
+    common = ["--data-dir", small_data_dir, "--out", out, *TINY]
+    missing = lesson("--stage", "diffusion", "--max-steps", "2", *common)
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: --stage diffusion needs a trained")
+    nothing = lesson("--resume", "--max-steps", "2", *common)
+    assert nothing.returncode == 1 and "no checkpoint in" in nothing.stderr and "Traceback" not in nothing.stderr
+    assert lesson("--stage", "autoencoder", "--max-steps", "2", *common).returncode == 0
+    other = lesson("--stage", "diffusion", "--max-steps", "2", *common, "--latent-channels", "3")
+    assert other.returncode == 1 and "latent_channels=4" in other.stderr and "latent_channels=3" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
