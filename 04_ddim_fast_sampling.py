@@ -8,12 +8,15 @@ New here:
   - DDIM inversion: running Eq. 12 backwards from an image to the noise that draws it.
 Left out: class guidance (lesson 03); latent space (05).
 
-CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    34 s on a 2-core AMD EPYC VM
-      (64 images in 50 steps: 7.1 s; lesson 02's 1000 steps took 96.4 s for them in its own run)
+CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    84 s on a 2-core AMD EPYC VM
+      (64 images in 50 steps: 11.4 s; lesson 02's 1000 steps took 147 s for them on the same day; the rest
+      is steps.png and the inversion sweep)
+GPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt --device cuda    (not timed yet)
+Compare with DDPM, timed and scored: python examples/compare_methods.py (README, "Lesson 04").
 Without --checkpoint it first trains lesson 02's default model with lesson 02's objective.
 Writes to outputs/04_ddim_fast_sampling/: samples.png, samples.npz, steps.png (the same noise at
-10, 20, 50, 100 and 1000 steps), inversion.png, denoising.gif, denoising.png; when it trains, also
-checkpoint.pt, loss.png, metrics.csv.
+10, 20, 50, 100 and 1000 steps), inversion.png, inversion_error.png (reconstruction error per step
+count), denoising.gif, denoising.png; when it trains, also checkpoint.pt, loss.png, metrics.csv.
 """
 import argparse
 import copy
@@ -67,7 +70,8 @@ def parse_args(argv=None):
                         help="a lesson 02 (or 04) checkpoint to sample from; without it, train one first")
     parser.add_argument("--steps", type=positive_int, default=50, help=f"DDIM steps, at most T = {T}")
     parser.add_argument("--eta", type=non_negative_float, default=0.0,
-                        help="noise of each step (Eq. 16): 0 deterministic DDIM, 1 DDPM-like")
+                        help="noise of each step (Eq. 16): 0 deterministic DDIM, 1 DDPM-like (on lesson 02's "
+                             "small CPU model, 1 scores better: README, 'Lesson 04')")
     parser.add_argument("--skip", choices=["uniform", "quadratic"], default="uniform",
                         help="which timesteps the steps visit (DDIM Appendix D.2)")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,

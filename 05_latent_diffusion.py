@@ -68,11 +68,12 @@ def parse_args(argv=None):
     parser.add_argument("--autoencoder-lr", type=positive_float, default=2e-3,
                         help="Adam learning rate of stage 1 (paper: 4.5e-6 x batch size)")
     parser.add_argument("--kl-weight", type=non_negative_float, default=1e-4,
-                        help="weight of the KL term per latent element against the L1 error per pixel (paper: 1e-6)")
+                        help="weight of the mean KL per latent element against the mean L1 error per pixel "
+                             "(paper: 1e-6 on per-image sums, below 1e-7 in these per-element units)")
     parser.add_argument("--latent-channels", type=positive_int, default=4, help="C of the latent (paper: 3 or 4)")
     parser.add_argument("--autoencoder-width", type=positive_int, default=16,
                         help="autoencoder channels at full resolution (paper: 128)")
-    parser.add_argument("--width", type=positive_int, default=32, help="latent U-Net channels (paper: 192 to 256)")
+    parser.add_argument("--width", type=positive_int, default=32, help="latent U-Net channels (paper: 128 to 256)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (paper: 0.9999)")
     parser.add_argument("--steps", type=positive_int, default=50, help=f"DDIM sampling steps, at most T = {T}")
     parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM's eta (lesson 04): 0 deterministic")
@@ -225,8 +226,9 @@ def encode_dataset(autoencoder, images, device, batch_size=500):
 
 
 def latent_scale(means, stds, generator):
-    """LDM Section 4.3.2 / Appendix G: scale latents by 1 / their standard deviation, measured on the data,
-    so that z0 has unit variance like the noise it is mixed with. Returns that factor as a float."""
+    """LDM Section 4.3.2: scale latents by 1 / their standard deviation (the paper estimates it on its first
+    batch; here on every training image), so that z0 has unit variance like the noise it is mixed with.
+    Returns that factor as a float."""
     z = means + stds * torch.randn(means.shape, device=means.device, generator=generator)
     return 1.0 / z.std().item()
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one folder up
@@ -103,7 +104,7 @@ def draw(method, steps, eta, model, config, noises, args, device):
             # Lesson 02's defaults: the posterior variance, x0 clipped (as DDIM clips it here).
             constants = lesson02.sampling_constants(schedule, "posterior")
             x_t = batch
-            for t in range(lesson02.T - 1, -1, -1):
+            for t in tqdm(range(lesson02.T - 1, -1, -1), desc=f"DDPM {lesson02.T} steps", leave=False):
                 x_t, _ = lesson02.sample_step(model, x_t, t, constants, generator, True)
             images.append(x_t.clamp(-1, 1).cpu())
         else:

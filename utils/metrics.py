@@ -35,7 +35,7 @@ from utils.runtime import (
 CACHE_DIR = Path("outputs/metrics")
 CLASSIFIER = "metrics-classifier"  # the `lesson` name in the cached classifier's checkpoint
 FEATURES = 128  # width of the penultimate layer, the feature space of the Frechet distance
-EPOCHS, BATCH_SIZE, LR = 3, 128, 2e-3  # about 91% test accuracy on Fashion-MNIST in a few CPU minutes
+EPOCHS, BATCH_SIZE, LR = 3, 128, 2e-3  # 90.5% test accuracy on Fashion-MNIST, trained in 109 s on a 2-core CPU
 SEED = 0
 EVAL_BATCH = 500
 
