@@ -75,8 +75,11 @@ def parse_args(argv=None):
                         help="autoencoder channels at full resolution (paper: 128)")
     parser.add_argument("--width", type=positive_int, default=32, help="latent U-Net channels (paper: 128 to 256)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (paper: 0.9999)")
-    parser.add_argument("--steps", type=positive_int, default=50, help=f"DDIM sampling steps, at most T = {T}")
-    parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM's eta (lesson 04): 0 deterministic")
+    # Sampling in latent space is cheap (a 7x7x4 network call per step), so the default spends steps: on the
+    # default model, 256 samples scored FD 56.3 at 50 steps with eta 0, 47.6 with eta 1, 35.5 at 200 with eta 1.
+    parser.add_argument("--steps", type=positive_int, default=200, help=f"DDIM sampling steps, at most T = {T}")
+    parser.add_argument("--eta", type=non_negative_float, default=1.0,
+                        help="DDIM's eta (lesson 04): 0 deterministic, 1 DDPM-like (better for this small model)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
