@@ -40,10 +40,11 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
     (["--eta", "0,-1"], "every eta must be a finite number of at least 0"),
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
 ])
-def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path):
-    result = run_lesson("examples/compare_methods.py", "--out", tmp_path / "out", *flags)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, compare, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.parse_args(["--out", str(tmp_path / "out"), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
 
 
 def test_a_missing_checkpoint_is_one_line(tmp_path):

@@ -150,7 +150,10 @@ def test_a_lesson03_checkpoint_is_refused(tmp_path, capsys, lesson04):
     assert "lesson 03_conditional_ddpm, not of 02_ddpm or 04_ddim_fast_sampling" in capsys.readouterr().err
 
 
-def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_dir, tmp_path, lesson04):
+def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_dir, tmp_path, lesson04, monkeypatch):
+    # Training and resume are what this test checks; the full figure set is checked above.
+    monkeypatch.setattr(lesson04, "STEP_COUNTS", (2, 4))
+    monkeypatch.setattr(lesson04, "INVERSION_STEPS", (2,))
     out = tmp_path / "out"
     tiny = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--width", "8", "--channel-mults", "1,2",
             "--batch-size", "16", "--steps", "4", "--num-samples", "2"]

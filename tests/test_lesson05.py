@@ -163,3 +163,20 @@ def test_missing_or_mismatched_autoencoder_is_one_line(small_data_dir, tmp_path)
     other = lesson("--stage", "diffusion", "--max-steps", "2", *common, "--latent-channels", "3")
     assert other.returncode == 1 and "latent_channels=4" in other.stderr and "latent_channels=3" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_cifar_shaped_data_gives_8x8x4_latents_and_colour_samples(tmp_path, lesson05, monkeypatch):
+    from utils import data
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 3, 32, 32)).astype(np.uint8)
+    monkeypatch.setattr(data, "_load_cifar", lambda data_dir, split, download: (images, np.arange(40) % 10))
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)
+    out = tmp_path / "out"
+    lesson05.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                   "--max-steps", "2", *TINY[:4], "--batch-size", "8", "--steps", "3", "--num-samples", "2",
+                   "--device", "cpu"])
+    assert np.load(out / "samples.npz")["images"].shape == (2, 32, 32, 3)
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["channels"], config["latent_size"]) == (3, 8)
+    assert (out / "latents.png").stat().st_size > 0
