@@ -1,9 +1,12 @@
 """Lesson 05: the autoencoder against Kingma & Welling, the latent scale, the latent sampler, both stages' CLI."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import class_pictures, load_lesson, run_lesson, write_idx
+from conftest import class_pictures, load_lesson, write_idx
+from utils.runtime import run
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +93,22 @@ def test_ddim_in_latent_space_reaches_the_single_data_point_of_an_exact_model(le
     assert len(kept) == 5
 
 
-def lesson(*args):
-    return run_lesson("05_latent_diffusion.py", *args)
+@pytest.fixture
+def lesson(lesson05, capsys):
+    """Run lesson 05's command line in this process (as `python 05_latent_diffusion.py ARGS` would, errors
+    included) -> an object with returncode, stdout and stderr."""
+    def call(*args):
+        try:
+            run(lambda: lesson05.main([str(arg) for arg in args]))
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return call
 
 
-def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path):
+def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson):
     out = tmp_path / "out"
     common = ["--data-dir", small_data_dir, "--out", out, *TINY]
     first = lesson("--stage", "autoencoder", "--max-steps", "4", *common)
@@ -115,7 +129,7 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path):
     assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
 
 
-def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path):
+def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson):
     def states(out):
         checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
         return checkpoint["model"], checkpoint["ema"], checkpoint["optimizer"]["state"]
@@ -152,7 +166,7 @@ def test_bad_flags_exit_2_with_one_line(lesson05, flags, expected, capsys, tmp_p
     assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
 
 
-def test_missing_or_mismatched_autoencoder_is_one_line(small_data_dir, tmp_path):
+def test_missing_or_mismatched_autoencoder_is_one_line(small_data_dir, tmp_path, lesson):
     out = tmp_path / "out"
     common = ["--data-dir", small_data_dir, "--out", out, *TINY]
     missing = lesson("--stage", "diffusion", "--max-steps", "2", *common)
