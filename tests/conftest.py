@@ -28,6 +28,14 @@ def run_lesson(filename, *args, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def assert_refused(parse_args, argv, expected, capsys):
+    """parse_args(argv) must exit with code 2 and print exactly one line containing `expected`."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([str(arg) for arg in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
 @pytest.fixture(scope="session")
 def lesson01():
     return load_lesson("01_ddpm_toy.py")

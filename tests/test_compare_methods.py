@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from conftest import load_lesson, run_lesson, write_learnable_mnist
+from conftest import assert_refused, load_lesson, run_lesson, write_learnable_mnist
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,7 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, compare, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        compare.parse_args(["--out", str(tmp_path / "out"), *flags])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    assert_refused(compare.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
 
 
 def test_a_missing_checkpoint_is_one_line(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_lesson
+from conftest import ROOT, assert_refused, run_lesson
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--batch-size", "32", "--num-samples", "4"]
@@ -86,11 +86,7 @@ def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny
     (["--device", "tpu"], "invalid choice: 'tpu'"),
 ])
 def test_bad_flags_exit_2_with_one_line(lesson01, capsys, flags, expected):
-    with pytest.raises(SystemExit) as exit_info:
-        lesson01.parse_args(flags)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], lines
+    assert_refused(lesson01.parse_args, flags, expected, capsys)
 
 
 def test_unwritable_output_folder_is_refused_before_any_work(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_lesson, run_lesson, write_idx
+from conftest import assert_refused, load_lesson, run_lesson, write_idx
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "4", "--warmup-steps", "5"]
@@ -176,11 +176,7 @@ def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(small_data_dir
     (["--dataset", "svhn"], "--dataset: invalid choice"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, lesson03, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        lesson03.parse_args(["--out", str(tmp_path / "out"), *flags])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], lines
+    assert_refused(lesson03.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
 
 
 def test_class_label_out_of_range_from_the_command_line(tmp_path):

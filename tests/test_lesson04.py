@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_lesson
+from conftest import assert_refused, load_lesson
 from utils.runtime import run
 
 
@@ -132,11 +132,7 @@ def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson0
     (["--resume", "--checkpoint", "x.pt"], "--resume continues training"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, lesson04, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        lesson04.parse_args(["--out", str(tmp_path / "out"), *flags])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], lines
+    assert_refused(lesson04.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
 
 
 def test_a_lesson03_checkpoint_is_refused(tmp_path, capsys, lesson04):

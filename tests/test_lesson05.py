@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import class_pictures, load_lesson, write_idx
+from conftest import assert_refused, class_pictures, load_lesson, write_idx
 from utils.runtime import run
 
 
@@ -160,10 +160,7 @@ def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson):
     (["--epochs", "0"], "--epochs: must be at least 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(lesson05, flags, expected, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        lesson05.parse_args(["--out", str(tmp_path / "out"), *flags])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    assert_refused(lesson05.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
 
 
 def test_missing_or_mismatched_autoencoder_is_one_line(small_data_dir, tmp_path, lesson):
