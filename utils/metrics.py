@@ -16,6 +16,7 @@ The classifier trains once per dataset in a few CPU minutes and is cached (defau
     python -m utils.metrics outputs/02_ddpm/samples.npz --dataset fashion-mnist
 prints one JSON line.
 """
+import functools
 import json
 import sys
 import time
@@ -187,6 +188,19 @@ def class_entropy_bits(predictions, classes=10):
     return -(nonzero * nonzero.log2()).sum().item()
 
 
+@functools.lru_cache(maxsize=4)
+def _real_data(dataset, data_dir, cache_dir, device, count, seed):
+    """What `evaluate` needs of the real data, computed once per process for repeated calls (compare_methods
+    scores one set per method): (classifier, its test accuracy, test-split statistics, floor FD, test size)."""
+    model, accuracy = load_classifier(dataset, data_dir, cache_dir, device)
+    test_set = data.load_dataset(dataset, data_dir, "test")
+    train_set = data.load_dataset(dataset, data_dir, "train")
+    reference = feature_statistics(predict(model, test_set.images, device)[0])
+    chosen = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(seed))[:count]
+    floor = frechet_distance(feature_statistics(predict(model, train_set.images[chosen], device)[0]), reference)
+    return model, accuracy, reference, floor, len(test_set.images)
+
+
 def evaluate(images, dataset, labels=None, data_dir="data", cache_dir=CACHE_DIR, device="cpu", seed=SEED):
     """All the numbers for generated `images` (any layout `as_images` reads) as a dict.
 
@@ -196,16 +210,12 @@ def evaluate(images, dataset, labels=None, data_dir="data", cache_dir=CACHE_DIR,
     images = as_images(images, info.channels, info.size)
     if len(images) < 2:
         raise LessonError(f"need at least 2 images for a covariance, got {len(images)}")
-    model, classifier_accuracy = load_classifier(dataset, data_dir, cache_dir, device)
-    test_set = data.load_dataset(dataset, data_dir, "test")
-    train_set = data.load_dataset(dataset, data_dir, "train")
-    reference = feature_statistics(predict(model, test_set.images, device)[0])
+    model, classifier_accuracy, reference, floor, test_count = _real_data(dataset, str(data_dir), str(cache_dir),
+                                                                          torch.device(device), len(images), seed)
     features, predictions = predict(model, images, device)
-    chosen = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(seed))[:len(images)]
-    floor = frechet_distance(feature_statistics(predict(model, train_set.images[chosen], device)[0]), reference)
     result = {"dataset": dataset, "samples": len(images), "fd": round(frechet_distance(
                   feature_statistics(features), reference), 4),
-              "fd_real_floor": round(floor, 4), "fd_reference": f"test split, {len(test_set.images)} images",
+              "fd_real_floor": round(floor, 4), "fd_reference": f"test split, {test_count} images",
               "class_entropy_bits": round(class_entropy_bits(predictions, len(info.classes)), 4),
               "classifier_test_accuracy": round(classifier_accuracy, 4)}
     if labels is not None:
