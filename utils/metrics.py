@@ -185,7 +185,7 @@ def class_entropy_bits(predictions, classes=10):
     """Entropy of the histogram of predicted classes, in bits: log2(classes) when all are equally common."""
     frequencies = torch.bincount(predictions, minlength=classes).double() / len(predictions)
     nonzero = frequencies[frequencies > 0]
-    return -(nonzero * nonzero.log2()).sum().item()
+    return -(nonzero * nonzero.log2()).sum().item() + 0.0  # + 0.0: one class gives 0, not -0
 
 
 @functools.lru_cache(maxsize=4)
