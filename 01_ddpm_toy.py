@@ -11,8 +11,8 @@ guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
 
 CPU:  python 01_ddpm_toy.py    9.2 min on a 2-core AMD EPYC VM (8.5 train + 0.5 sample)
 GPU:  python 01_ddpm_toy.py --device cuda --epochs 40 --width 32    3.7 min on one H100 (3.4 train + 2 s sample)
-Writes to outputs/01_ddpm_toy/: checkpoint.pt, samples.png, samples.npz, denoising.gif,
-denoising.png, loss.png, metrics.csv.
+Writes to outputs/01_ddpm_toy/: forward.png (the forward process), checkpoint.pt, samples.png,
+samples.npz, denoising.gif, denoising.png, loss.png, metrics.csv.
 """
 import math
 import time
@@ -281,6 +281,15 @@ def train(args, model, images, schedule, config, device, start=None):
 
 # --- main ---
 
+def write_forward_process(images, schedule, seed, path, count=4):
+    """forward.png: a few training images through q(x_t | x_0) at t = 0, 100, ..., 999 (one noise draw each)."""
+    x0 = images[:count]
+    eps = torch.randn(x0.shape, device=x0.device, generator=torch.Generator(device=x0.device).manual_seed(seed))
+    steps = visualize.forward_steps(T)
+    frames = [add_noise(x0, torch.full((len(x0),), t, device=x0.device), eps, schedule).cpu() for t in steps]
+    return visualize.save_forward_process(frames, steps, path)
+
+
 def write_samples(model, schedule, config, args, device):
     """Sample --num-samples images and write samples.png/.npz, denoising.gif/.png; return the paths."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -327,10 +336,12 @@ def main(argv=None):
     print(f"{dataset.name}: {len(images)} images {tuple(images.shape[1:])} from {dataset.source}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters on {device}; "
           f"{config['total_steps']} steps of {args.batch_size}")
+    forward = write_forward_process(images, schedule, args.seed, args.out / "forward.png")
+    print(f"wrote {forward} (what the model learns to undo)")
     started = time.perf_counter()
     train(args, model, images, schedule, config, device, start)
     print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
-    paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
+    paths = [forward, args.out / "checkpoint.pt", args.out / "metrics.csv",
              visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]
     paths += write_samples(model, schedule, config, args, device)
     for path in paths:

@@ -16,8 +16,8 @@ The paper's 35.7M-parameter CIFAR-10 model and recipe (about 14 h on one H100, e
       python 02_ddpm.py --dataset cifar10 --device cuda --width 128 --channel-mults 1,2,2,2 --num-res-blocks 2
         --dropout 0.1 --lr 2e-4 --warmup-steps 5000 --ema-decay 0.9999 --max-steps 800000
 GPUs: torchrun --nproc_per_node 4 02_ddpm.py ...   (same flags; --batch-size is per GPU)
-Writes to outputs/02_ddpm/: checkpoint.pt, samples.png, samples.npz, denoising.gif, denoising.png,
-loss.png, metrics.csv.
+Writes to outputs/02_ddpm/: checkpoint.pt, samples.png, samples.npz, denoising.gif, denoising.png
+(x_t and the predicted x_0 along the reverse process), loss.png, metrics.csv, schedules.png.
 """
 import argparse
 import copy
@@ -370,14 +370,16 @@ def sample_step(model, x_t, t, constants, generator, clip_x0=True):
 
 @torch.inference_mode()
 def sample(model, schedule, shape, generator, variance="posterior", clip_x0=True, keep=()):
-    """Pure noise [N, C, H, W] -> images in [-1, 1] after T reverse steps; also {t: x_t} for t in `keep`."""
+    """Pure noise [N, C, H, W] -> images in [-1, 1] after T reverse steps; also {t: (x_t, x0_pred)} for t in
+    `keep`: the sample as it enters step t and the model's guess of the final image from it."""
     constants = sampling_constants(schedule, variance)
     x_t = torch.randn(shape, device=schedule["betas"].device, generator=generator)
     kept = {}
     for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
-        x_t, _ = sample_step(model, x_t, t, constants, generator, clip_x0)
+        x_prev, x0_pred = sample_step(model, x_t, t, constants, generator, clip_x0)
         if t in keep:
-            kept[t] = x_t.clamp(-1, 1).cpu()
+            kept[t] = (x_t.clamp(-1, 1).cpu(), x0_pred.clamp(-1, 1).cpu())
+        x_t = x_prev
     return x_t.clamp(-1, 1), kept
 
 
@@ -525,11 +527,15 @@ def write_samples(model, schedule, config, args, device):
         images, kept = sample(model, schedule, shape, generator, args.variance, args.clip_x0,
                               keep=gif_steps | set(STRIP_STEPS))
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({T} steps)")
+    images = images.float().cpu()
     return [
         visualize.save_grid(images, args.out / "samples.png"),
         visualize.save_samples_npz(images, args.out / "samples.npz"),
-        visualize.save_denoising_gif([kept[t] for t in sorted(gif_steps, reverse=True)], args.out / "denoising.gif"),
-        visualize.save_denoising_strip([kept[t] for t in STRIP_STEPS], STRIP_STEPS, args.out / "denoising.png"),
+        visualize.save_denoising_gif([kept[t][0] for t in sorted(gif_steps, reverse=True)] + [images],
+                                     args.out / "denoising.gif"),
+        # x_t beside x0_pred: the large structure is decided early, the details in the last few hundred steps.
+        visualize.save_reverse_process([kept[t][0] for t in STRIP_STEPS], [kept[t][1] for t in STRIP_STEPS],
+                                       STRIP_STEPS, args.out / "denoising.png", rows=min(3, len(images))),
     ]
 
 
@@ -624,7 +630,10 @@ def train_and_sample(args, rank, world_size, device):
         return
     print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
     paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
-             visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]
+             visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),
+             # This lesson's two schedules side by side: the cosine one keeps more signal for longer.
+             visualize.save_schedules({name: make_schedule(name, "cpu")["betas"] for name in ("linear", "cosine")},
+                                      args.out / "schedules.png")]
     paths += write_samples(ema.model, schedule, config, args, device)
     for path in paths:
         print(f"wrote {path}")

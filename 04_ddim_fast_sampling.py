@@ -16,7 +16,8 @@ Compare with DDPM, timed and scored: python examples/compare_methods.py (README,
 Without --checkpoint it first trains lesson 02's default model with lesson 02's objective.
 Writes to outputs/04_ddim_fast_sampling/: samples.png, samples.npz, steps.png (the same noise at
 10, 20, 50, 100 and 1000 steps), inversion.png, inversion_error.png (reconstruction error per step
-count), denoising.gif, denoising.png; when it trains, also checkpoint.pt, loss.png, metrics.csv.
+count), denoising.gif, denoising.png; when it trains, also checkpoint.pt, loss.png, metrics.csv; with
+--interpolate, also interpolation.png, interpolation.gif and interpolation_grid.png (walks between noises).
 """
 import argparse
 import copy
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import data, visualize
+from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint,
     non_negative_float, pick_device, positive_float, positive_int, run, save_checkpoint, writable_dir,
@@ -46,6 +47,8 @@ INVERSION_STEPS = (10, 20, 50, 100, 200)  # step counts of inversion_error.png
 STEPS_FIGURE_ROWS = 8  # starting noises in steps.png
 LOG_EVERY = 50
 GIF_FRAMES = 25  # snapshots along the DDIM chain for denoising.gif
+INTERPOLATION_POINTS = 9  # images along each walk of interpolation.png (--interpolate)
+INTERPOLATION_GRID = 5  # interpolation_grid.png is 5 x 5
 WARMUP_STEPS = 200  # lesson 02's warm-up
 EMA_DECAY = 0.999  # lesson 02's EMA decay
 CHECKPOINT_EVERY = 500
@@ -94,6 +97,10 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true",
                         help="no training: sample from --checkpoint (default OUT/checkpoint.pt)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="also walk between starting noises (slerp and lerp), decoded by DDIM at --steps with "
+                             "eta = 0, the deterministic map from noise to image: interpolation.png/.gif and "
+                             "interpolation_grid.png")
     args = parser.parse_args(argv)
     if args.steps > T:
         parser.error(f"--steps must be at most T = {T}, the number of training timesteps, got {args.steps}")
@@ -489,6 +496,26 @@ def write_figures(model, alpha_bars, config, args, device, images):
     return paths
 
 
+def write_interpolation(model, alpha_bars, shape, args, device):
+    """Walks between starting noises, decoded deterministically: interpolation.png/.gif (slerp and lerp
+    between the same two noises) and interpolation_grid.png (slerp between four); returns the paths.
+    DDIM Section 5.3 shows such interpolations: with eta = 0, nearby x_T give related images."""
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    corners = torch.randn((4, *shape), device=device, generator=generator)
+    walks = torch.stack([interpolation.row(corners[0], corners[1], INTERPOLATION_POINTS, method)
+                         for method in ("slerp", "lerp")])  # [2, K, C, H, W]
+    middle = walks[:, INTERPOLATION_POINTS // 2].flatten(1).norm(dim=1) / corners[:2].flatten(1).norm(dim=1).mean()
+    print(f"interpolation: half-way, the noise has {middle[0]:.2f} (slerp) and {middle[1]:.2f} (lerp) times the norm "
+          f"of its end points; real noise always has about 1.00")
+    decoded, _ = ddim_sample(model, alpha_bars, walks.flatten(0, 1), args.steps, 0.0, args.skip, None, args.clip_x0)
+    paths = interpolation.save_interpolation(decoded.view(walks.shape).cpu(), ["slerp", "lerp"],
+                                             args.out / "interpolation.png", args.out / "interpolation.gif")
+    points = interpolation.grid(list(corners), INTERPOLATION_GRID)
+    decoded, _ = ddim_sample(model, alpha_bars, points, args.steps, 0.0, args.skip, None, args.clip_x0)
+    paths.append(interpolation.save_grid(decoded.cpu(), INTERPOLATION_GRID, args.out / "interpolation_grid.png"))
+    return paths
+
+
 def load_model(path, device):
     """A lesson 02 or lesson 04 checkpoint -> (EMA network in eval mode, its config)."""
     checkpoint = load_checkpoint(path, ("02_ddpm", LESSON))
@@ -524,7 +551,11 @@ def main(argv=None):
         model = ema.model
         print(f"wrote {visualize.save_loss_curve(args.out / 'metrics.csv', args.out / 'loss.png')}")
     alpha_bars = make_alpha_bars(config["schedule"], device)
-    for output in write_figures(model, alpha_bars, config, args, device, dataset.images):
+    paths = write_figures(model, alpha_bars, config, args, device, dataset.images)
+    if args.interpolate:
+        shape = (config["channels"], config["image_size"], config["image_size"])
+        paths += write_interpolation(model, alpha_bars, shape, args, device)
+    for output in paths:
         print(f"wrote {output}")
 
 

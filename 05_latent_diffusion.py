@@ -15,7 +15,8 @@ CPU:  python 05_latent_diffusion.py    22 min on a 2-core AMD EPYC VM (5.6 autoe
 GPU:  python 05_latent_diffusion.py --device cuda    (not timed yet)
 Writes to outputs/05_latent_diffusion/: autoencoder.pt, checkpoint.pt, reconstructions.png, latents.png,
 samples.png, samples.npz, denoising.gif, denoising.png, loss.png, autoencoder_loss.png, metrics.csv,
-autoencoder_metrics.csv.
+autoencoder_metrics.csv; with --interpolate, also interpolation.png, interpolation.gif and
+interpolation_grid.png (walks between latent noises).
 """
 import copy
 import math
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import data, visualize
+from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint,
     non_negative_float, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
@@ -46,6 +47,8 @@ LOG_EVERY = 50
 CHECKPOINT_EVERY = 500
 SHOWN_IMAGES = 8  # images in reconstructions.png and latents.png
 GIF_FRAMES = 25
+INTERPOLATION_POINTS = 9  # images along each walk of interpolation.png (--interpolate)
+INTERPOLATION_GRID = 5  # interpolation_grid.png is 5 x 5
 COST_STEPS = 5  # timed training steps per space for the latent-vs-pixel cost
 
 
@@ -88,6 +91,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the stage(s) from OUT's checkpoints")
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="also walk between latent starting noises (slerp and lerp), decoded by latent DDIM at "
+                             "--steps with eta = 0 and the decoder: interpolation.png/.gif and interpolation_grid.png")
     args = parser.parse_args(argv)
     if args.steps > T:
         parser.error(f"--steps must be at most T = {T}, the number of training timesteps, got {args.steps}")
@@ -549,6 +555,29 @@ def write_samples(model, autoencoder, scale, config, args, device):
                                            column_title="timestep t: the predicted z_0 there, decoded")]
 
 
+@torch.inference_mode()
+def write_interpolation(model, autoencoder, scale, config, args, device):
+    """Walks between latent starting noises z_T: DDIM with eta = 0 (deterministic, as in lesson 04), then one
+    decode. interpolation.png/.gif (slerp and lerp between the same two) and interpolation_grid.png."""
+    latent_shape = (config["latent_channels"], config["latent_size"], config["latent_size"])
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    corners = torch.randn((4, *latent_shape), device=device, generator=generator)
+    walks = torch.stack([interpolation.row(corners[0], corners[1], INTERPOLATION_POINTS, method)
+                         for method in ("slerp", "lerp")])  # [2, K, c, h, w]
+    alpha_bars = make_alpha_bars(device)
+
+    def decode(z_T):
+        return autoencoder.decode(ddim_sample(model, alpha_bars, z_T, args.steps, 0.0)[0] / scale).clamp(-1, 1)
+
+    images = decode(walks.flatten(0, 1))
+    paths = interpolation.save_interpolation(images.view(2, INTERPOLATION_POINTS, *images.shape[1:]).cpu(),
+                                             ["slerp", "lerp"], args.out / "interpolation.png",
+                                             args.out / "interpolation.gif")
+    images = decode(interpolation.grid(list(corners), INTERPOLATION_GRID))
+    paths.append(interpolation.save_grid(images.cpu(), INTERPOLATION_GRID, args.out / "interpolation_grid.png"))
+    return paths
+
+
 # --- main ---
 
 AUTOENCODER_KEYS = ("dataset", "channels", "image_size", "autoencoder_width", "latent_channels", "kl_weight")
@@ -629,7 +658,10 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sample_only:
         model, autoencoder, scale, config = load_for_sampling(args.checkpoint or args.out / "checkpoint.pt", device)
-        for path in write_samples(model, autoencoder, scale, config, args, device):
+        paths = write_samples(model, autoencoder, scale, config, args, device)
+        if args.interpolate:
+            paths += write_interpolation(model, autoencoder, scale, config, args, device)
+        for path in paths:
             print(f"wrote {path}")
         return
     dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
@@ -655,6 +687,8 @@ def main(argv=None):
         paths += [args.out / "checkpoint.pt", args.out / "metrics.csv",
                   visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),
                   *write_samples(model, autoencoder, scale, config, args, device)]
+        if args.interpolate:
+            paths += write_interpolation(model, autoencoder, scale, config, args, device)
     for path in paths:
         print(f"wrote {path}")
 

@@ -12,7 +12,8 @@ from conftest import ROOT, assert_refused, run_lesson
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--batch-size", "32", "--num-samples", "4"]
-OUTPUTS = ["checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif", "denoising.png"]
+OUTPUTS = ["forward.png", "checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif",
+           "denoising.png"]
 
 
 def lesson(*args):

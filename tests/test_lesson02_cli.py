@@ -13,7 +13,8 @@ from conftest import ROOT, assert_refused, load_lesson, run_lesson, write_idx
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "2", "--warmup-steps", "5"]
-OUTPUTS = ["checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif", "denoising.png"]
+OUTPUTS = ["checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif", "denoising.png",
+           "schedules.png"]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Lesson 04: DDIM against Song et al. 2021 and DDPM, lesson 02 checkpoints, the command line."""
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
@@ -116,12 +117,16 @@ def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson0
                    "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1"])
     out = tmp_path / "l04"
     lesson04.main(["--checkpoint", str(l02 / "checkpoint.pt"), "--data-dir", str(tiny_data_dir), "--out", str(out),
-                   "--steps", "5", "--num-samples", "3"])
+                   "--steps", "5", "--num-samples", "3", "--interpolate"])
     for name in ("samples.png", "samples.npz", "denoising.gif", "denoising.png", "steps.png", "inversion.png",
-                 "inversion_error.png"):
+                 "inversion_error.png", "interpolation.png", "interpolation.gif", "interpolation_grid.png"):
         assert (out / name).stat().st_size > 0, name
     assert np.load(out / "samples.npz")["images"].shape == (3, 28, 28, 1)
-    assert "reconstruction RMS error" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reconstruction RMS error" in printed and "times the norm" in printed
+    assert len(imageio.mimread(out / "interpolation.gif")) == 2 * lesson04.INTERPOLATION_POINTS - 2
+    grid = imageio.imread(out / "interpolation_grid.png")
+    assert grid.shape[0] == grid.shape[1]  # 5 x 5 images
 
 
 @pytest.mark.parametrize("flags,expected", [

@@ -124,9 +124,11 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson):
         assert (out / name).stat().st_size > 0, name
     assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
     (out / "samples.npz").unlink()
-    third = lesson("--sample-only", *common)
+    third = lesson("--sample-only", "--interpolate", *common)
     assert third.returncode == 0, third.stderr
     assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
+    for name in ("interpolation.png", "interpolation.gif", "interpolation_grid.png"):
+        assert (out / name).stat().st_size > 0 and f"wrote {out / name}" in third.stdout
 
 
 def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson):

@@ -68,3 +68,96 @@ def test_labeled_grid_has_a_cell_per_image(tmp_path):
     assert picture[..., :3].min() < 30 and picture[..., :3].max() > 225
     with pytest.raises(ValueError):
         visualize.save_labeled_grid(images, ["one row"], ["a", "b"], tmp_path / "bad.png")
+
+
+# --- the forward and reverse processes, schedules, the command line ---
+
+def test_forward_steps_cover_clean_to_pure_noise():
+    assert visualize.forward_steps(1000) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999]
+
+
+def test_figure_schedules_are_the_lessons_schedules(lesson01):
+    from conftest import load_lesson
+
+    lesson02 = load_lesson("02_ddpm.py")
+    assert torch.allclose(visualize.schedule_betas("linear").float(), lesson01.make_schedule("cpu")["betas"])
+    for name in ("linear", "cosine"):
+        assert torch.allclose(visualize.schedule_betas(name).float(), lesson02.make_schedule(name, "cpu")["betas"])
+    with pytest.raises(ValueError):
+        visualize.schedule_betas("sigmoid")
+
+
+def test_schedule_figure(tmp_path):
+    path = visualize.save_schedules({name: visualize.schedule_betas(name) for name in ("linear", "cosine")},
+                                    tmp_path / "s.png")
+    picture = imageio.imread(path)
+    assert picture.shape[1] > 2 * picture.shape[0]  # three panels side by side
+
+
+def test_reverse_figure_has_two_rows_per_image(tmp_path):
+    steps = [999, 500, 0]
+    xs = [torch.full((2, 1, 28, 28), -1.0)] * 3
+    x0s = [torch.full((2, 1, 28, 28), 1.0)] * 3
+    picture = imageio.imread(visualize.save_reverse_process(xs, x0s, steps, tmp_path / "r.png", rows=2))
+    assert picture[..., :3].min() < 30 and picture[..., :3].max() > 225  # both rows made it in
+    forward = imageio.imread(visualize.save_forward_process(xs, steps, tmp_path / "f.png"))
+    assert forward.shape[1] > forward.shape[0]
+
+
+def test_ideal_denoiser_is_bayes_rule_over_the_reference_set():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand((5, 1, 4, 4), generator=generator) * 2 - 1
+    x_t = torch.randn((3, 1, 4, 4), generator=generator)
+    alpha_bar = 0.3
+    # Brute force: posterior weight of each reference image from the Gaussian density of DDPM Eq. 4.
+    squared = ((x_t[:, None] - alpha_bar ** 0.5 * reference[None]) ** 2).flatten(2).sum(2)
+    weights = torch.softmax(-squared / (2 * (1 - alpha_bar)), dim=1)
+    expected = torch.einsum("nm,mchw->nchw", weights, reference)
+    assert torch.allclose(visualize.ideal_x0(x_t, alpha_bar, reference), expected, atol=1e-5)
+    # Nearly clean: the nearest reference image; a single reference image: always that image.
+    assert torch.allclose(visualize.ideal_x0(reference[[2]] * 0.9999 ** 0.5, 0.9999, reference), reference[[2]],
+                          atol=1e-4)
+    assert torch.allclose(visualize.ideal_x0(x_t, 0.01, reference[[1]]), reference[[1]].expand(3, -1, -1, -1))
+
+
+def test_ideal_reverse_process_ends_on_a_reference_image():
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.rand((3, 1, 6, 6), generator=generator) * 2 - 1
+    betas = visualize.schedule_betas("linear", T=200) * 5  # 200 steps to the same noise level: a shorter test
+    keep = {199, 100, 0}
+    xs, x0s, final = visualize.ideal_reverse(reference, 4, betas, generator, keep)
+    assert set(xs) == set(x0s) == keep
+    distances = torch.cdist(final.flatten(1), reference.flatten(1)).min(dim=1).values
+    assert distances.max() < 0.05  # the exact denoiser of a finite set can only rebuild its images
+    assert torch.cdist(xs[199].flatten(1), reference.flatten(1)).min() > 2  # while it starts far from them, in noise
+
+
+def test_command_line_draws_each_figure(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "figures"
+    metrics = tmp_path / "run" / "metrics.csv"
+    metrics.parent.mkdir()
+    metrics.write_text("step,loss,lr,images_per_s\n50,0.2,1e-3,600\n100,0.1,1e-3,610\n")
+    commands = [["schedules"], ["forward", "--dataset", "mnist", "--schedule", "cosine"],
+                ["reverse", "--dataset", "mnist", "--count", "2", "--reference", "32"], ["loss", str(metrics)]]
+    for command, files in zip(commands, [["schedules.png"], ["forward_cosine.png"],
+                                         ["reverse_linear.png", "reverse_linear.gif"], ["loss.png"]]):
+        visualize.main([command[0], "--data-dir", str(tiny_data_dir), "--out", str(out), *command[1:]]
+                       if command[0] in ("forward", "reverse") else [command[0], "--out", str(out), *command[1:]])
+        printed = capsys.readouterr().out
+        for name in files:
+            assert imageio.imread(out / name).size > 0 and f"wrote {out / name}" in printed
+    assert len(imageio.mimread(out / "reverse_linear.gif")) == 41  # t = 999, 974, ..., 24, then 0
+
+
+def test_command_line_refuses_bad_input(tmp_path, capsys):
+    from conftest import assert_refused
+
+    assert_refused(visualize.parse_args, ["forward", "--count", "0"], "--count", capsys)
+    assert_refused(visualize.parse_args, ["drift"], "invalid choice", capsys)
+    bad = tmp_path / "notes.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(visualize.LessonError, match="not a lesson's metrics.csv"):
+        visualize.main(["loss", str(bad), "--out", str(tmp_path)])
+    with pytest.raises(visualize.LessonError, match="no metrics file"):
+        visualize.main(["loss", str(tmp_path / "missing.csv"), "--out", str(tmp_path)])
+    assert not (tmp_path / "loss.png").exists()

@@ -1,4 +1,16 @@
-"""Pictures of a run: sample grids, the denoising process (strip and GIF) and the loss curve."""
+"""Pictures of diffusion: the forward and reverse processes, noise schedules, sample grids, GIFs, loss curves.
+
+Lessons call these helpers to draw what they computed. Each figure can also be made from the command line,
+with no training and no lesson code:
+
+    python -m utils.visualize forward --dataset mnist       # q(x_t | x_0) on a few training images
+    python -m utils.visualize reverse --dataset mnist       # x_t and the predicted x_0 along the reverse process
+    python -m utils.visualize schedules                     # betas, alpha_bar and log-SNR: linear vs cosine
+    python -m utils.visualize loss outputs/01_ddpm_toy/metrics.csv outputs/02_ddpm/metrics.csv
+
+Each writes a PNG (reverse also a GIF) under --out (default outputs/figures) and prints its path.
+"""
+import argparse
 import csv
 import math
 from pathlib import Path
@@ -11,6 +23,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torchvision.utils import make_grid
+
+from utils import data
+from utils.runtime import ArgumentParser, LessonError, positive_int, run, writable_dir
 
 DISPLAY_SCALE = 2  # 28-pixel images are tiny on a screen; upscale by pixel repetition
 GIF_MS_PER_FRAME = 80
@@ -116,9 +131,206 @@ def save_curve(xs, ys, path, xlabel, ylabel, log_x=False, log_y=False, marker=No
     return Path(path)
 
 
+def read_loss(metrics_csv):
+    """(steps, losses) from a lesson's metrics.csv; a clear error for a file that is not one."""
+    try:
+        with open(metrics_csv, newline="") as file:
+            rows = list(csv.DictReader(file))
+        return [int(row["step"]) for row in rows], [float(row["loss"]) for row in rows]
+    except FileNotFoundError:
+        raise LessonError(f"no metrics file at {metrics_csv}") from None
+    except (KeyError, TypeError, ValueError):
+        raise LessonError(f"{metrics_csv} is not a lesson's metrics.csv (columns step, loss, ...)") from None
+
+
 def save_loss_curve(metrics_csv, path, ylabel="loss (MSE of predicted noise)"):
     """Plot the loss column of a metrics.csv against the step column (log scale)."""
-    with open(metrics_csv, newline="") as file:
-        rows = list(csv.DictReader(file))
-    return save_curve([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows], path,
-                      "training step", ylabel, log_y=True)
+    steps, losses = read_loss(metrics_csv)
+    return save_curve(steps, losses, path, "training step", ylabel, log_y=True)
+
+
+def save_loss_curves(metrics_csvs, path, labels=None, ylabel="training loss"):
+    """Several runs' losses on one log-scale plot, one line each (labelled by their folder by default)."""
+    labels = labels or [Path(name).parent.name or str(name) for name in metrics_csvs]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for name, label in zip(metrics_csvs, labels):
+        steps, losses = read_loss(name)
+        axis.plot(steps, losses, label=label)
+    axis.set_yscale("log")
+    axis.set_xlabel("training step")
+    axis.set_ylabel(ylabel)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+# --- the forward and reverse processes ---
+
+def forward_steps(T, count=10):
+    """Timesteps 0, T/count, 2T/count, ..., T-1 (0-based): where the forward-process figure looks."""
+    return [round(index * T / count) for index in range(count)] + [T - 1]
+
+
+def save_forward_process(frames, steps, path):
+    """frames[k]: images N x C x H x W noised to timestep steps[k]; one row per image, clean at the left."""
+    return save_denoising_strip(frames, steps, path, rows=len(frames[0]),
+                                column_title="timestep t of q(x_t | x_0): the clean image at the left, noise at the right")
+
+
+def save_reverse_process(xs, x0_preds, steps, path, rows=3):
+    """The reverse process for `rows` images: x_t (upper row) and the model's x0 prediction at that step
+    (lower row) for each timestep in `steps`; xs and x0_preds are lists of N x C x H x W tensors."""
+    pairs = []
+    for index in range(rows):
+        pairs += [torch.stack([x[index] for x in xs]), torch.stack([x0[index] for x0 in x0_preds])]
+    labels = [label for index in range(rows) for label in (f"x_t #{index + 1}", f"predicted x_0 #{index + 1}")]
+    return save_labeled_grid(torch.cat(pairs), labels, [str(step) for step in steps], path,
+                             column_title="timestep t (sampling runs from left to right)")
+
+
+# --- noise schedules ---
+# The figures' own copy of the two schedules (each lesson defines the one it teaches; utils never imports a
+# lesson). tests/test_visualize.py checks that these agree with lessons 01 and 02.
+
+def schedule_betas(name, T=1000):
+    """beta_1 .. beta_T [T] in float64: 'linear' (DDPM Sec. 4) or 'cosine' (Improved DDPM Eq. 17)."""
+    if name == "linear":
+        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    if name == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown schedule {name!r}: use 'linear' or 'cosine'")
+
+
+def save_schedules(betas_by_name, path):
+    """beta_t, alpha_bar_t and log-SNR = log(alpha_bar / (1 - alpha_bar)) against t, one line per schedule."""
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for name, betas in betas_by_name.items():
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        alpha_bars = torch.cumprod(1 - betas, dim=0)
+        steps = range(len(betas))
+        axes[0].plot(steps, betas, label=name)
+        axes[1].plot(steps, alpha_bars, label=name)
+        axes[2].plot(steps, (alpha_bars / (1 - alpha_bars)).log(), label=name)
+    for axis, title in zip(axes, ["beta_t (noise added at step t)", "alpha_bar_t (signal left)",
+                                  "log SNR = log(alpha_bar / (1 - alpha_bar))"]):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("timestep t")
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    axes[0].set_yscale("log")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+# --- the command line: each figure without training ---
+
+def noised(x0, alpha_bar, eps):
+    """DDPM Eq. 4: a draw of q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)."""
+    return math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * eps
+
+
+def ideal_x0(x_t, alpha_bar, reference):
+    """E[x_0 | x_t] when the data are exactly the `reference` images [M, C, H, W]: the best possible
+    denoiser for that finite set. Bayes' rule with the Gaussian q(x_t | x_0 = x_m) of DDPM Eq. 4 gives
+    weights softmax_m(-|x_t - sqrt(alpha_bar) x_m|^2 / (2 (1 - alpha_bar))) over the reference images."""
+    flat, points = x_t.flatten(1), reference.flatten(1)
+    # |x_t - a x_m|^2 = |x_t|^2 - 2 a x_t.x_m + a^2 |x_m|^2 with a = sqrt(alpha_bar); |x_t|^2 is the same
+    # for every m, so it cancels in the softmax: one matrix product does the work.
+    logits = (math.sqrt(alpha_bar) * flat @ points.T - alpha_bar / 2 * points.square().sum(1)) / (1 - alpha_bar)
+    return (torch.softmax(logits, dim=1) @ points).view_as(x_t)
+
+
+def ideal_reverse(reference, count, betas, generator, keep):
+    """DDPM ancestral sampling (Algorithm 2 through the posterior, Eq. 7) with ideal_x0 as the model.
+    Returns {t: x_t} and {t: x0_pred} for t in `keep`, and the final images."""
+    alpha_bars = torch.cumprod(1 - betas, dim=0).tolist()
+    betas = betas.tolist()
+    x_t = torch.randn((count, *reference.shape[1:]), generator=generator)
+    xs, x0s = {}, {}
+    for t in range(len(betas) - 1, -1, -1):
+        alpha_bar, alpha_bar_prev = alpha_bars[t], alpha_bars[t - 1] if t > 0 else 1.0
+        x0_pred = ideal_x0(x_t, alpha_bar, reference)
+        if t in keep:
+            xs[t], x0s[t] = x_t.clamp(-1, 1), x0_pred
+        # DDPM Eq. 7: the posterior mean and variance given x_0 = x0_pred.
+        mean = (math.sqrt(alpha_bar_prev) * betas[t] * x0_pred
+                + math.sqrt(1 - betas[t]) * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas[t]
+        x_t = mean + math.sqrt(variance) * torch.randn(x_t.shape, generator=generator) if t > 0 else mean
+    return xs, x0s, x_t.clamp(-1, 1)
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="python -m utils.visualize",
+                            description="Draw a figure of diffusion without training: forward, reverse, "
+                                        "schedules or loss.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=writable_dir, default="outputs/figures", help="folder for the figure")
+    figures = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE",
+                                    parser_class=ArgumentParser)
+    forward = figures.add_parser("forward", parents=[common],
+                                 help="training images noised by q(x_t | x_0) at t = 0, T/10, ..., T")
+    reverse = figures.add_parser("reverse", parents=[common],
+                                 help="x_t and the predicted x_0 along 1000 reverse steps, as PNG and GIF. The model "
+                                      "is the ideal denoiser of a few thousand training images: it can only "
+                                      "rebuild those images, which is why diffusion needs a network that generalises")
+    for command in (forward, reverse):
+        command.add_argument("--dataset", choices=list(data.DATASETS), default=None,
+                             help="default mnist (Fashion-MNIST when MNIST cannot be had)")
+        command.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+        command.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
+        command.add_argument("--count", type=positive_int, default=4, help="images to show")
+        command.add_argument("--seed", type=int, default=0, help="random seed")
+    reverse.add_argument("--reference", type=positive_int, default=2000,
+                         help="training images the ideal denoiser knows (its whole 'dataset')")
+    figures.add_parser("schedules", parents=[common],
+                       help="betas, alpha_bar and log-SNR of the linear and cosine schedules")
+    loss = figures.add_parser("loss", parents=[common], help="training loss from one or more metrics.csv files")
+    loss.add_argument("metrics", nargs="+", type=Path, help="metrics.csv files written by lessons")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    T = 1000
+    paths = []
+    if args.figure == "schedules":
+        paths.append(save_schedules({name: schedule_betas(name, T) for name in ("linear", "cosine")},
+                                    args.out / "schedules.png"))
+    elif args.figure == "loss":
+        paths.append(save_loss_curves(args.metrics, args.out / "loss.png"))
+    else:
+        dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
+                                          candidates=["mnist", "fashion-mnist"])
+        generator = torch.Generator().manual_seed(args.seed)
+        betas = schedule_betas(args.schedule, T)
+        if args.figure == "forward":
+            pick = torch.randperm(len(dataset.images), generator=generator)[:args.count]
+            x0, eps = dataset.images[pick], torch.randn((args.count, *dataset.images.shape[1:]), generator=generator)
+            alpha_bars = torch.cumprod(1 - betas, dim=0).tolist()
+            steps = forward_steps(T)
+            frames = [noised(x0, alpha_bars[t], eps) for t in steps]  # the same eps at every t: one path
+            paths.append(save_forward_process(frames, steps, args.out / f"forward_{args.schedule}.png"))
+        else:
+            pick = torch.randperm(len(dataset.images), generator=generator)[:args.reference]
+            steps = [999, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 0]
+            gif_steps = list(range(T - 1, -1, -25)) + [0]
+            xs, x0s, _ = ideal_reverse(dataset.images[pick], args.count, betas, generator, set(steps) | set(gif_steps))
+            paths.append(save_reverse_process([xs[t] for t in steps], [x0s[t] for t in steps], steps,
+                                              args.out / f"reverse_{args.schedule}.png", rows=args.count))
+            paths.append(save_denoising_gif([torch.cat([xs[t], x0s[t]]) for t in sorted(gif_steps, reverse=True)],
+                                            args.out / f"reverse_{args.schedule}.gif", nrow=args.count))
+    for path in paths:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run(main)
