@@ -133,6 +133,17 @@ def _to_tensor(name, images, labels, source):
     return Dataset(name, scaled, torch.from_numpy(np.array(labels, dtype=np.int64)), source)
 
 
+def find_local(name, data_dir="data"):
+    """Where the training split of `name` already is on this machine (a folder, as text), or None; no download."""
+    local = Path(data_dir) / DATASETS[name].folder
+    if name == "cifar10":
+        return str(local) if (local / "data_batch_1").is_file() else None
+    for folder in (local / "raw", *SYSTEM_COPIES.get(name, [])):
+        if all(_find_idx(folder, stem) for stem in IDX_FILES["train"]):
+            return str(folder)
+    return None
+
+
 def load_dataset(name, data_dir="data", split="train", download=True):
     """Load one dataset from the first source that has it; raise DataUnavailable naming all tried."""
     if name not in DATASETS:

@@ -1,0 +1,303 @@
+"""Start here: is this machine ready for the lessons, how long will each take here, and in what order.
+
+    python GETTING_STARTED.py                  # check everything, time the toy model, print the learning path
+    python GETTING_STARTED.py --device cuda    # the same for a GPU
+
+It checks Python and the packages against requirements.txt, lists the devices PyTorch can use, looks for
+the datasets on this machine (and whether the network could fetch them), checks that the output folder
+can be written and has room, then times a few training steps of lesson 01's model and predicts each
+lesson's default run time from that. It ends with the learning path and fixes for common problems.
+It exits with status 1, saying why, when this machine cannot run the lessons; warnings alone do not fail it.
+"""
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+MIN_PYTHON = (3, 9)
+MIN_FREE_GIB = 0.5  # a run writes a few MB; a dataset download needs up to 0.2 GB (CIFAR-10)
+TIMED_SECONDS = 3.0  # how long to time the toy model (after warm-up)
+PROBE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's first MNIST mirror
+
+# Each lesson's default CPU run, measured on the development machine (a 2-core AMD EPYC VM; README
+# "Results"), and the training speed of lesson 01's default model on that machine on the same day, in
+# images/s. A prediction scales the minutes by (that speed / the speed measured here). The speeds: lesson
+# 01's run trained at ~600 images/s (its own log); lessons 02 and 03 ran on the day benchmarks/
+# lesson01_speed.py measured 707 images/s; lessons 04 and 05 ran on a day when lesson 02's 1000-step sampling
+# took 147 s instead of 96.4 s, so about 707 * 96.4 / 147 = 464 images/s (an estimate, not a measurement).
+LESSONS = [
+    ("01_ddpm_toy.py", "the forward process, a small noise-predicting U-Net, the simple loss, DDPM sampling",
+     9.2, 600),
+    ("02_ddpm.py", "the full DDPM: ResNet U-Net + attention, cosine schedule, EMA, checkpoints, mixed precision",
+     23.6, 707),
+    ("03_conditional_ddpm.py", "class-conditional generation and classifier-free guidance", 23.7, 707),
+    ("04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt",
+     "DDIM: 50 steps instead of 1000 on lesson 02's model, determinism, inversion (run lesson 02 first)", 1.4, 464),
+    ("05_latent_diffusion.py", "an autoencoder, then diffusion in its latent space: the idea of Stable Diffusion",
+     22.0, 464),
+]
+
+TROUBLESHOOTING = """\
+Troubleshooting
+  - "mnist is not available here ... using fashion-mnist": no network. That is fine: the lessons use Fashion-MNIST.
+    To get it offline on Debian or Ubuntu: sudo apt-get install dataset-fashion-mnist. Or copy MNIST's four
+    files (train-images-idx3-ubyte.gz, ...) into data/MNIST/raw/.
+  - A run was stopped (Ctrl-C, closed laptop): run the same command with --resume; it continues exactly.
+  - Too slow: --max-steps N or --epochs N trains for less (pictures get blurrier); close other programs, which
+    compete for the same cores.
+  - "CUDA out of memory": a smaller --batch-size. "MPS" errors on a Mac: --device cpu.
+  - "... is a checkpoint of lesson ...": each lesson reads its own checkpoints (lesson 04 also reads lesson 02's).
+    Point --checkpoint at the right file, or use a new --out folder.
+  - Anything else: the error line names the problem; every lesson lists its flags with --help."""
+
+
+class Report:
+    """Collects what the checks found: problems stop the lessons, warnings do not."""
+
+    def __init__(self):
+        self.problems, self.warnings = [], []
+
+    def ok(self, text):
+        print(f"  ok    {text}")
+
+    def warn(self, text):
+        self.warnings.append(text)
+        print(f"  warn  {text}")
+
+    def fail(self, text):
+        self.problems.append(text)
+        print(f"  FAIL  {text}")
+
+
+# --- versions ---
+
+def version_tuple(text):
+    """'2.14.1+cu130' -> (2, 14, 1): the numeric release part, for comparisons."""
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0].split("rc")[0])[:3])
+
+
+def satisfies(version, specifier):
+    """Whether `version` meets a requirement specifier such as '>=2.3,<3' (>=, >, <=, <, ==, != only)."""
+    operators = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
+                 "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+    have = version_tuple(version)
+    for clause in filter(None, (part.strip() for part in specifier.split(","))):
+        operator = re.match(r"[<>=!]=?", clause).group(0)
+        want = version_tuple(clause[len(operator):])
+        width = max(len(have), len(want))  # 3 == 3.0.0
+        if not operators[operator](have + (0,) * (width - len(have)), want + (0,) * (width - len(want))):
+            return False
+    return True
+
+
+def read_requirements(path):
+    """requirements.txt -> [(package, specifier)], comments and blank lines skipped."""
+    requirements = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, specifier = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", line).groups()
+            requirements.append((name, specifier.replace(" ", "")))
+    return requirements
+
+
+def check_versions(report, requirements_path):
+    print("Python and packages")
+    if sys.version_info[:2] < MIN_PYTHON:
+        report.fail(f"Python {sys.version.split()[0]}: the lessons need {'.'.join(map(str, MIN_PYTHON))} or newer")
+    else:
+        report.ok(f"Python {sys.version.split()[0]}")
+    for name, specifier in read_requirements(requirements_path):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            report.fail(f"{name} is not installed: pip install -r requirements.txt")
+            continue
+        if satisfies(version, specifier):
+            report.ok(f"{name} {version} ({specifier or 'any version'})")
+        else:
+            report.fail(f"{name} {version} does not meet {specifier}: pip install -r requirements.txt")
+
+
+# --- devices ---
+
+def check_devices(report, device_name):
+    """Lists what PyTorch can use; returns the device the lessons will pick, or None."""
+    import torch
+
+    from utils.runtime import LessonError, pick_device
+
+    print("Devices")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            report.ok(f"CUDA {index}: {properties.name}, {properties.total_memory / 2 ** 30:.0f} GiB")
+    else:
+        print(f"  {'-':<6}no CUDA GPU")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    print(f"  {'ok' if mps else '-':<6}Apple MPS {'available' if mps else 'not available'}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        device = pick_device(device_name)
+    except LessonError as error:
+        report.fail(str(error))
+        return None
+    report.ok(f"CPU: {cores} cores usable, PyTorch uses {torch.get_num_threads()} threads")
+    report.ok(f"--device {device_name} gives {device}")
+    return device
+
+
+# --- data and disk ---
+
+def network_reachable(url=PROBE_URL, timeout=3.0):
+    """Whether a dataset mirror answers at all (any HTTP status counts: the network works)."""
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def check_data(report, data_dir, online=None):
+    from utils import data
+
+    print(f"Datasets (--data-dir {data_dir})")
+    found = {name: data.find_local(name, data_dir) for name in data.DATASETS}
+    for name, where in found.items():
+        print(f"  {'ok' if where else '-':<6}{name}: {'on this machine, ' + where if where else 'not on this machine'}")
+    online = network_reachable() if online is None else online
+    print(f"  {'ok' if online else '-':<6}network: " + ("a dataset mirror answers; missing datasets will download"
+                                                        if online else "no dataset mirror answers (offline)"))
+    if found["mnist"] or found["fashion-mnist"] or online:
+        report.ok("the lessons have data" + ("" if found["mnist"] or online else
+                                             ": Fashion-MNIST will stand in for MNIST"))
+    else:
+        report.fail("no MNIST or Fashion-MNIST here and no network to fetch them: "
+                    "sudo apt-get install dataset-fashion-mnist, or copy the files into "
+                    f"{Path(data_dir) / 'MNIST' / 'raw'}")
+
+
+def check_output(report, out):
+    print(f"Output folder ({out})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        report.fail(f"cannot write to {out}: {error.strerror or error}")
+        return
+    free = shutil.disk_usage(out).free / 2 ** 30
+    if free < MIN_FREE_GIB:
+        report.fail(f"{free:.2f} GiB free under {out}; the lessons need at least {MIN_FREE_GIB} GiB")
+    else:
+        report.ok(f"writable, {free:.1f} GiB free")
+
+
+# --- speed ---
+
+def load_lesson(filename):
+    """Import a lesson file (its name starts with a digit, so `import` cannot)."""
+    spec = importlib.util.spec_from_file_location(Path(filename).stem, ROOT / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_speed(device, seconds=TIMED_SECONDS, batch=128):
+    """Training images/s of lesson 01's default model and step (forward, backward, Adam) on `device`."""
+    import torch
+
+    lesson = load_lesson("01_ddpm_toy.py")
+    generator = torch.Generator(device=device).manual_seed(0)
+    model = lesson.TinyUNet(1, 16).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = lesson.make_schedule(device)
+    images = torch.rand((batch, 1, 28, 28), device=device, generator=generator) * 2 - 1
+
+    def step():
+        loss = lesson.loss_fn(model, images, schedule, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # warm-up: allocations, kernels, caches
+        step()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or steps < 3:
+        step()
+        steps += 1
+        synchronize()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def learning_path(rate, device):
+    print("Learning path (one lesson at a time; read the file after it runs)")
+    for index, (command, teaches, minutes, reference_rate) in enumerate(LESSONS, start=1):
+        if device.type == "cpu":
+            here = minutes * reference_rate / rate  # minutes, scaled by this machine's speed
+            estimate = f"about {here:.0f} min here" if here >= 1.5 else f"about {here * 60:.0f} s here"
+        else:
+            estimate = "minutes on a GPU (README 'Results')"
+        print(f"  {index}. python {command}\n       {teaches}\n       {estimate}")
+
+
+def parse_args(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    parser.add_argument("--data-dir", default="data", help="where the lessons look for datasets first")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="where the lessons write")
+    parser.add_argument("--seconds", type=float, default=TIMED_SECONDS, help="how long to time the toy model")
+    parser.add_argument("--offline", action="store_true", help="do not probe the network")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run every check and print the report; returns the exit status (0 ready, 1 not)."""
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    report = Report()
+    check_versions(report, ROOT / "requirements.txt")
+    if report.problems:  # without the packages nothing else can be checked
+        print(f"\nNot ready: {report.problems[0]}")
+        return 1
+    device = check_devices(report, args.device)
+    check_data(report, args.data_dir, online=False if args.offline else None)
+    check_output(report, args.out)
+    if device is not None:
+        print("Speed")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * cores:
+            report.warn(f"other programs are keeping the CPU busy (load {os.getloadavg()[0]:.1f} on {cores} cores): "
+                        f"the speed below and the predicted times are slower than this machine can do")
+        rate = toy_speed(device, args.seconds)
+        report.ok(f"lesson 01's model trains at {rate:.0f} images/s on {device} (batch 128)")
+        print()
+        learning_path(rate, device)
+    print()
+    print(TROUBLESHOOTING)
+    print()
+    if report.problems:
+        print(f"Not ready: {len(report.problems)} problem(s). First: {report.problems[0]}")
+        return 1
+    print("Ready." + (f" {len(report.warnings)} warning(s) above." if report.warnings else "")
+          + " Start with: python 01_ddpm_toy.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
