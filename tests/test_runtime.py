@@ -35,6 +35,44 @@ def test_a_failing_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tm
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+KILLED_WRITER = """
+import sys, torch
+from utils.runtime import CHECKPOINT_FORMAT, save_checkpoint
+step = 0
+while True:  # ever larger saves of 32 MB: the parent kills this process in the middle of one
+    step += 1
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": "01_ddpm_toy", "step": step,
+                     "model": {"w": torch.full((8_000_000,), float(step))}}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    path = tmp_path / "checkpoint.pt"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    completed = int(writer.stdout.readline())  # one save has finished
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".checkpoint.pt.*.tmp")) and time.time() < deadline:
+        time.sleep(0.001)  # wait until the next save is writing its temporary file...
+    writer.send_signal(signal.SIGKILL)  # ...and kill it there, with no chance to clean up
+    writer.wait()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
+    assert leftovers and all(name.startswith(".checkpoint.pt.") and name.endswith(".tmp") for name in leftovers)
+    loaded = runtime.load_checkpoint(path, "01_ddpm_toy")  # the path holds a whole checkpoint, never a part
+    assert loaded["step"] >= completed
+    assert torch.equal(loaded["model"]["w"], torch.full((8_000_000,), float(loaded["step"])))
+    runtime.save_checkpoint(checkpoint(step=99), path)  # the next save clears what the killed one left
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 def test_checkpoint_of_another_lesson_is_refused_naming_both(tmp_path):
     path = tmp_path / "checkpoint.pt"
     runtime.save_checkpoint(checkpoint("02_ddpm"), path)
