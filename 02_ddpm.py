@@ -425,7 +425,7 @@ def agree(values, world_size, device):
     """The mean over processes of a few floats, so that every process takes the same decisions."""
     if world_size == 1:
         return values
-    values = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
+    values = torch.tensor(values, dtype=torch.float32, device=device)  # NCCL reduces only GPU tensors; MPS has no float64
     dist.all_reduce(values)
     return (values / world_size).tolist()
 

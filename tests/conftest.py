@@ -113,3 +113,25 @@ def no_system_copies_or_downloads(monkeypatch):
         raise OSError("network disabled in tests")
 
     monkeypatch.setattr(data, "_download", offline)
+
+
+@pytest.fixture
+def float32_on_device(monkeypatch):
+    """Records the dtype of every tensor moved to a device with .to(device, ...) (modules move theirs the same
+    way) while the test runs, then fails if one was float64: Apple's MPS has no float64, so a lesson must
+    move only float32 and integer tensors. Works on the CPU, where the tests run."""
+    import torch
+
+    moved = []
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if "device" in kwargs or any(isinstance(arg, (torch.device, str)) for arg in args):
+            moved.append(result.dtype)
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    yield moved
+    assert moved, "no tensor was moved to a device: the check saw nothing"
+    assert torch.float64 not in moved, f"{moved.count(torch.float64)} float64 tensor(s) moved to a device"

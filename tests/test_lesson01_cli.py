@@ -142,7 +142,7 @@ def test_resume_without_a_checkpoint_fails_loudly(lesson01, tiny_data_dir, tmp_p
     assert capsys.readouterr().err.strip() == f"error: no checkpoint at {tmp_path / 'out' / 'checkpoint.pt'}"
 
 
-def test_resume_with_another_architecture_is_refused(lesson01, tiny_data_dir, tmp_path, capsys):
+def test_resume_with_another_architecture_is_refused(lesson01, tiny_data_dir, tmp_path, capsys, float32_on_device):
     out = tmp_path / "out"
     lesson01.main(["--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "2", *TINY])
     before = (out / "checkpoint.pt").read_bytes()

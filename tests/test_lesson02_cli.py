@@ -43,7 +43,7 @@ def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):
     assert "1 process(es) = 16 images" in result.stdout
 
 
-def test_cifar_shaped_data_trains_and_samples(tmp_path, lesson02, monkeypatch):
+def test_cifar_shaped_data_trains_and_samples(tmp_path, lesson02, monkeypatch, float32_on_device):
     """3 x 32 x 32 images: the network adapts to channels and size."""
     from utils import data
 

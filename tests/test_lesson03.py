@@ -140,7 +140,7 @@ def test_end_to_end_writes_every_output_with_labels(small_data_dir, tmp_path):
     assert load_checkpoint(out / "checkpoint.pt", "03_conditional_ddpm")["config"]["num_classes"] == 10
 
 
-def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch):
+def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch, float32_on_device):
     trained = tmp_path / "trained"
     with monkeypatch.context() as patch:  # train only; sampling is what this test runs next
         patch.setattr(lesson03, "write_samples", lambda *arguments: [])

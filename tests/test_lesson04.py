@@ -111,7 +111,8 @@ def test_lesson02_checkpoint_loads_and_predicts_the_same(tiny_data_dir, tmp_path
     assert config["schedule"] == "cosine"
 
 
-def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson02, lesson04, capsys):
+def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson02, lesson04, capsys,
+                                                  float32_on_device):
     l02 = tmp_path / "l02"
     lesson02.main(["--data-dir", str(tiny_data_dir), "--out", str(l02), "--max-steps", "3", "--width", "8",
                    "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1"])
@@ -151,7 +152,8 @@ def test_a_lesson03_checkpoint_is_refused(tmp_path, capsys, lesson04):
     assert "lesson 03_conditional_ddpm, not of 02_ddpm or 04_ddim_fast_sampling" in capsys.readouterr().err
 
 
-def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_dir, tmp_path, lesson04, monkeypatch):
+def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_dir, tmp_path, lesson04, monkeypatch,
+                                                                   float32_on_device):
     # Training and resume are what this test checks; the full figure set is checked above.
     monkeypatch.setattr(lesson04, "STEP_COUNTS", (2, 4))
     monkeypatch.setattr(lesson04, "INVERSION_STEPS", (2,))

@@ -108,7 +108,7 @@ def lesson(lesson05, capsys):
     return call
 
 
-def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson):
+def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, float32_on_device):
     out = tmp_path / "out"
     common = ["--data-dir", small_data_dir, "--out", out, *TINY]
     first = lesson("--stage", "autoencoder", "--max-steps", "4", *common)

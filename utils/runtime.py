@@ -204,13 +204,23 @@ class MetricsLog:
         self.file.close()
 
 
+def _close_progress_bars():
+    """Close the tqdm bars an exception left open, so that the message below starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run(main):
     """Call `main()`; print a LessonError as one line (exit 1) and Ctrl-C without a traceback (exit 130)."""
     try:
         main()
     except LessonError as error:
+        _close_progress_bars()
         sys.stderr.write(f"error: {error}\n")
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted\n")
+        _close_progress_bars()
+        sys.stderr.write("interrupted\n")
         sys.exit(130)
