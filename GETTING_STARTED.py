@@ -251,6 +251,10 @@ def learning_path(rate, device):
         else:
             estimate = "minutes on a GPU (README 'Results')"
         print(f"  {index}. python {command}\n       {teaches}\n       {estimate}")
+    if device.type == "cpu":
+        print("  (Times scale each lesson's measured run by lesson 01's speed here. Lessons with larger networks\n"
+              "   do not always slow down in step with it: on one day the development machine ran lesson 01's\n"
+              "   model at half its reference speed but lesson 02's at 0.6 of its own. Treat them as rough.)")
 
 
 def parse_args(argv=None):
