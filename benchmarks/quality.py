@@ -117,6 +117,7 @@ def main():
     parser.add_argument("--guidance-samples", type=int, default=50, help="images per w (a multiple of 10)")
     parser.add_argument("--extra", default="", help="flags added to every lesson command (for a quick check)")
     args = parser.parse_args()
+    print(f"command: python benchmarks/quality.py {' '.join(sys.argv[1:])}", flush=True)
     args.runs.mkdir(parents=True, exist_ok=True)
     rows = []
     for key in args.lessons:
