@@ -67,6 +67,31 @@ def test_a_non_finite_loss_stops_with_one_line_and_writes_no_non_finite_checkpoi
     assert not (out / "samples.npz").exists()
 
 
+@pytest.mark.parametrize("key,loss_name", [("01", "loss_fn"), ("02", "loss_fn"), ("03", "loss_fn"),
+                                           ("04", "loss_fn"), ("05", "loss_fn"), ("05", "autoencoder_loss")])
+def test_ctrl_c_while_training_saves_a_checkpoint_and_says_how_to_resume(key, loss_name, tiny_data_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    import os
+    import signal
+
+    module, (_, tiny, _, _) = lesson_module(key), LESSONS[key]
+    real, calls = getattr(module, loss_name), []
+
+    def loss_then_ctrl_c(*arguments):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered in the middle of step 2
+        return real(*arguments)
+
+    monkeypatch.setattr(module, loss_name, loss_then_ctrl_c)
+    out = tmp_path / "out"
+    code, lines = run_main(module, ["--data-dir", tiny_data_dir, "--out", out, "--max-steps", 8, *tiny], capsys)
+    assert code == 130 and len(lines) == 1 and "interrupted at step 3" in lines[0] and "--resume" in lines[0], lines
+    saved = out / ("autoencoder.pt" if loss_name == "autoencoder_loss" else "checkpoint.pt")
+    assert torch.load(saved, map_location="cpu", weights_only=True)["step"] == 3  # the step it was in finished
+    assert not (out / "samples.npz").exists()
+
+
 @pytest.mark.parametrize("key", list(LESSONS))
 def test_ctrl_c_while_sampling_exits_cleanly_and_keeps_the_trained_checkpoint(key, tiny_data_dir, tmp_path,
                                                                               monkeypatch, capsys):
