@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint, pick_device,
-    positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
+    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
 )
 
 LESSON = "01_ddpm_toy"
@@ -256,8 +256,8 @@ def train(args, model, images, schedule, config, device, start=None):
                 group["lr"] = lr
             loss = loss_fn(model, images[batch], schedule, generator)
             if not torch.isfinite(loss):
-                raise LessonError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
-                                  f"{checkpoint_path} (try a lower --lr)")
+                raise LessonError(f"loss became {loss.item()} at step {step}; "
+                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint, pick_device,
-    positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
+    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
 )
 
 LESSON = "02_ddpm"
@@ -487,8 +487,8 @@ def train(args, model, ema, images, schedule, config, device, rank, world_size, 
                 loss = loss_fn(network, images[batch], schedule, generator)
             mean_loss, stop_votes = agree([loss.item(), float(stop.requested)], world_size, device)
             if not math.isfinite(mean_loss):
-                raise LessonError(f"loss became {mean_loss} at step {step}; the last good checkpoint is "
-                                  f"{checkpoint_path} (try a lower --lr)")
+                raise LessonError(f"loss became {mean_loss} at step {step}; "
+                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
             update_weights(loss, model, optimizer, scaler, args.grad_clip)
             ema.update(model, step)
             step += 1

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint,
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
     non_negative_float, pick_device, positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
 )
 
@@ -417,8 +417,8 @@ def train(args, model, ema, dataset, schedule, config, device, start=None):
                 group["lr"] = lr
             loss = loss_fn(model, images[batch], labels[batch], schedule, generator, args.p_uncond)
             if not torch.isfinite(loss):
-                raise LessonError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
-                                  f"{checkpoint_path} (try a lower --lr)")
+                raise LessonError(f"loss became {loss.item()} at step {step}; "
+                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as in lesson 02

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from utils import data, interpolation, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint,
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
     non_negative_float, pick_device, positive_float, positive_int, run, save_checkpoint, writable_dir,
 )
 
@@ -423,8 +423,8 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
                 group["lr"] = lr
             loss = loss_fn(model, images[batch], alpha_bars, generator)
             if not torch.isfinite(loss):
-                raise LessonError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
-                                  f"{checkpoint_path} (try a lower --lr)")
+                raise LessonError(f"loss became {loss.item()} at step {step}; "
+                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)

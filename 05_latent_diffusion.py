@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from utils import data, interpolation, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, load_checkpoint,
+    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
     non_negative_float, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
     writable_dir,
 )
@@ -394,8 +394,8 @@ def train(args, stage, model, optimizer, lr, batch_loss, count, total_steps, che
                 group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
             loss, shown = batch_loss(indices)
             if not torch.isfinite(loss):
-                raise LessonError(f"the {stage} loss became {loss.item()} at step {step}; the last good checkpoint "
-                                  f"is {path} (try a lower learning rate)")
+                raise LessonError(f"the {stage} loss became {loss.item()} at step {step}; {last_good(path)} "
+                                  f"(try a lower learning rate)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

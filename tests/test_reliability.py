@@ -64,6 +64,9 @@ def test_a_non_finite_loss_stops_with_one_line_and_writes_no_non_finite_checkpoi
     assert code == 1 and len(lines) == 1 and "loss became nan at step 3" in lines[0], lines
     written = [path for path in out.glob("*.pt")]
     assert all(all_finite(path) for path in written), written
+    own = out / ("autoencoder.pt" if loss_name == "autoencoder_loss" else "checkpoint.pt")  # this stage's file
+    assert (f"the last good checkpoint is {own}" if own.exists() else f"no checkpoint was saved yet ({own})") \
+        in lines[0], lines
     assert not (out / "samples.npz").exists()
 
 

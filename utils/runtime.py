@@ -174,6 +174,11 @@ def load_checkpoint(path, lesson):
     return state
 
 
+def last_good(path):
+    """For a message after training failed: where the last good checkpoint is, or that there is none yet."""
+    return f"the last good checkpoint is {path}" if Path(path).is_file() else f"no checkpoint was saved yet ({path})"
+
+
 def require_same(saved_config, config, keys, path):
     """Refuse to resume when the architecture or data of a checkpoint differ from this run's."""
     for key in keys:
