@@ -11,7 +11,7 @@ process's maximum resident set size. Lesson 04 samples lesson 02's checkpoint, s
 For lesson 03 it also sweeps the guidance strength w on the trained model: the same starting noises and
 labels at every w, class accuracy (the classifier's agreement with the requested label) and distance.
 Writes benchmarks/results/quality_<device>.csv and .md after every lesson, so a stopped run keeps what it
-measured.
+measured; rows of lessons not run this time are kept from the last results file.
 """
 import argparse
 import csv
@@ -91,7 +91,17 @@ def guidance_sweep(run_dir, weights, count, seed):
     return rows
 
 
+def earlier_rows(device, lessons):
+    """Rows of the last results file for lessons this run does not measure again (results accumulate)."""
+    path = RESULTS / f"quality_{device}.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return [row for row in csv.DictReader(file) if row["run"][:2] not in lessons]
+
+
 def write(rows, device):
+    rows = sorted(rows, key=lambda row: row["run"][:2])  # stable: a lesson's sweep stays after its own row
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"quality_{device}"
     with open(stem.with_suffix(".csv"), "w", newline="") as file:
@@ -103,7 +113,7 @@ def write(rows, device):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(key, "")) for key in FIELDS) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + f"\n\nCommand: python benchmarks/quality.py "
+    stem.with_suffix(".md").write_text("\n".join(lines) + f"\n\nLast command: python benchmarks/quality.py "
                                        f"{' '.join(sys.argv[1:])}\n")
     print(f"wrote {stem.with_suffix('.md')}", flush=True)
 
@@ -119,7 +129,7 @@ def main():
     args = parser.parse_args()
     print(f"command: python benchmarks/quality.py {' '.join(sys.argv[1:])}", flush=True)
     args.runs.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = earlier_rows("cpu", args.lessons)
     for key in args.lessons:
         template = LESSONS[key]
         out = args.runs / Path(template[0]).stem
