@@ -59,6 +59,10 @@ Troubleshooting
   - Anything else: the error line names the problem; every lesson lists its flags with --help."""
 
 
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 class Report:
     """Collects what the checks found: problems stop the lessons, warnings do not."""
 
@@ -144,7 +148,7 @@ def check_devices(report, device_name):
         print(f"  {'-':<6}no CUDA GPU")
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     print(f"  {'ok' if mps else '-':<6}Apple MPS {'available' if mps else 'not available'}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     try:
         device = pick_device(device_name)
     except LessonError as error:
@@ -284,7 +288,7 @@ def main(argv=None):
     check_output(report, args.out)
     if device is not None:
         print("Speed")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = usable_cores()
         if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * cores:
             report.warn(f"other programs are keeping the CPU busy (load {os.getloadavg()[0]:.1f} on {cores} cores): "
                         f"the speed below and the predicted times are slower than this machine can do")

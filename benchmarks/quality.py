@@ -61,10 +61,6 @@ def last_metrics_row(out):
     return rows[-1] if rows else {}
 
 
-def score(images, dataset, labels=None):
-    return metrics.evaluate(images, dataset, labels=labels)
-
-
 def guidance_sweep(run_dir, weights, count, seed):
     """Lesson 03's trained model at each w: the same noises and balanced labels; scores per w."""
     lesson = load_lesson("03_conditional_ddpm.py")
@@ -84,7 +80,7 @@ def guidance_sweep(run_dir, weights, count, seed):
         with torch.inference_mode():
             images, _ = lesson.sample(model, schedule, labels, w, x_T, generator)
         seconds = time.perf_counter() - started
-        result = score(images, config["dataset"], labels=labels)
+        result = metrics.evaluate(images, config["dataset"], labels=labels)
         rows.append({"run": f"03, w = {w:g}", "command": f"(sweep on the lesson 03 model, {seconds / 60:.1f} min)",
                      "samples": count, **{key: result.get(key, "") for key in FIELDS if key in result}})
         print(rows[-1], flush=True)
@@ -145,7 +141,7 @@ def main():
         labels = arrays["labels"] if "labels" in arrays else None
         trained = ("02", args.runs / "02_ddpm") if key == "04" else (key, out)  # lesson 04 samples 02's model
         dataset = load_checkpoint(trained[1] / "checkpoint.pt", LESSON_NAMES[trained[0]])["config"]["dataset"]
-        result = score(arrays["images"], dataset, labels)
+        result = metrics.evaluate(arrays["images"], dataset, labels=labels)
         row.update(samples=result["samples"], fd=result["fd"], fd_real_floor=result["fd_real_floor"],
                    class_accuracy=result.get("class_accuracy", ""), class_entropy_bits=result["class_entropy_bits"])
         rows.append(row)
