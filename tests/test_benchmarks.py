@@ -1,0 +1,47 @@
+"""benchmarks/quality.py's results file: rows of lessons not run again are kept, in lesson order."""
+import csv
+import importlib.util
+import sys
+
+from conftest import ROOT
+
+
+def load_quality():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # quality.py imports its sibling common.py
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(run, fd):
+    return {"run": run, "command": f"python {run}", "fd": fd}
+
+
+def test_results_accumulate_across_runs_and_stay_in_lesson_order(tmp_path, monkeypatch):
+    quality = load_quality()
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--lessons", "01", "03"])
+    quality.write([row("03", "80"), row("03, w = 0", "99"), row("03, w = 4", "144"), row("01", "203")], "cpu")
+
+    # A later invocation measures lessons 01 and 05 again: lesson 03 and its sweep are kept from the file.
+    kept = quality.earlier_rows("cpu", ["01", "05"])
+    assert [r["run"] for r in kept] == ["03", "03, w = 0", "03, w = 4"]
+    quality.write(kept + [row("05", "35"), row("01", "190")], "cpu")
+
+    with open(tmp_path / "quality_cpu.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["run"], r["fd"]) for r in rows] == [("01", "190"), ("03", "80"), ("03, w = 0", "99"),
+                                                   ("03, w = 4", "144"), ("05", "35")]
+    table = (tmp_path / "quality_cpu.md").read_text().splitlines()
+    assert table[0].startswith("| run | command |") and len(table[0].split("|")) == len(quality.FIELDS) + 2
+    assert [line.split("|")[1].strip() for line in table[2:7]] == ["01", "03", "03, w = 0", "03, w = 4", "05"]
+    assert table[-1] == "Last command: python benchmarks/quality.py --lessons 01 03"
+
+
+def test_every_lesson_has_a_readme_command_and_lesson_04_samples_lesson_02s_model():
+    quality = load_quality()
+    assert sorted(quality.LESSONS) == ["01", "02", "03", "04", "05"]
+    for key, argv in quality.LESSONS.items():
+        assert (ROOT / argv[0]).is_file() and argv[0].startswith(key)
+        assert f"python {' '.join(argv)}".replace("{runs}", "outputs") in (ROOT / "README.md").read_text()
