@@ -58,6 +58,12 @@ def test_loss_curve_from_metrics_csv(tmp_path):
     assert picture.shape[0] > 100 and picture.shape[1] > 100
 
 
+def test_loss_curves_are_labelled_by_run_and_by_file_when_runs_share_a_folder():
+    assert visualize.curve_labels(["a/01_ddpm_toy/metrics.csv", "b/02_ddpm/metrics.csv"]) == ["01_ddpm_toy", "02_ddpm"]
+    assert visualize.curve_labels(["05/metrics.csv", "05/autoencoder_metrics.csv"]) == [
+        "05/metrics.csv", "05/autoencoder_metrics.csv"]
+
+
 def test_labeled_grid_has_a_cell_per_image(tmp_path):
     images = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 28, 28).contiguous()
     path = visualize.save_labeled_grid(images, ["w = 0", "w = 1"], ["a", "b", "c"], tmp_path / "g.png",

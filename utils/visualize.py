@@ -114,9 +114,16 @@ def _save_with_labels(picture, path, figsize, column_labels, row_labels, column_
 
 def save_curve(xs, ys, path, xlabel, ylabel, log_x=False, log_y=False, marker=None):
     """A PNG of one line, ys against xs."""
+    return save_curves([(xs, ys, None)], path, xlabel, ylabel, log_x, log_y, marker)
+
+
+def save_curves(lines, path, xlabel, ylabel, log_x=False, log_y=False, marker=None):
+    """A PNG of several lines on one plot: `lines` holds (xs, ys, label); a legend when any is labelled."""
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot(xs, ys, marker=marker)
+    for xs, ys, label in lines:
+        axis.plot(xs, ys, marker=marker, label=label)
     if log_x:
+        xs = lines[0][0]
         axis.set_xscale("log")
         axis.set_xticks(xs, [str(x) for x in xs])
         axis.minorticks_off()
@@ -125,6 +132,8 @@ def save_curve(xs, ys, path, xlabel, ylabel, log_x=False, log_y=False, marker=No
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.grid(True, alpha=0.3)
+    if any(label for _, _, label in lines):
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -149,22 +158,19 @@ def save_loss_curve(metrics_csv, path, ylabel="loss (MSE of predicted noise)"):
     return save_curve(steps, losses, path, "training step", ylabel, log_y=True)
 
 
+def curve_labels(paths):
+    """A legend label per file: its folder (the run's name), or folder/file when two share a folder."""
+    labels = [Path(name).parent.name or str(name) for name in paths]
+    if len(set(labels)) < len(labels):
+        labels = [str(Path(Path(name).parent.name) / Path(name).name) for name in paths]
+    return labels
+
+
 def save_loss_curves(metrics_csvs, path, labels=None, ylabel="training loss"):
-    """Several runs' losses on one log-scale plot, one line each (labelled by their folder by default)."""
-    labels = labels or [Path(name).parent.name or str(name) for name in metrics_csvs]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for name, label in zip(metrics_csvs, labels):
-        steps, losses = read_loss(name)
-        axis.plot(steps, losses, label=label)
-    axis.set_yscale("log")
-    axis.set_xlabel("training step")
-    axis.set_ylabel(ylabel)
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return Path(path)
+    """Several runs' losses on one log-scale plot, one line each (labelled by curve_labels by default)."""
+    labels = labels or curve_labels(metrics_csvs)
+    lines = [(*read_loss(name), label) for name, label in zip(metrics_csvs, labels)]
+    return save_curves(lines, path, "training step", ylabel, log_y=True)
 
 
 # --- the forward and reverse processes ---
