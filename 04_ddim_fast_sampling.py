@@ -410,7 +410,8 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
     steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
     checkpoint_path, log = args.out / "checkpoint.pt", MetricsLog(args.out / "metrics.csv", append=start is not None)
     progress = tqdm(total=total_steps, initial=step, desc="training", unit="step")
-    running_loss, window_start, window_steps, order_epoch = 0.0, time.perf_counter(), 0, None
+    started, first_step = time.perf_counter(), step
+    running_loss, window_start, window_steps, order_epoch = 0.0, started, 0, None
     with StopRequest() as stop:
         while step < total_steps and not stop.requested:
             epoch, position = divmod(step, steps_per_epoch)
@@ -448,6 +449,8 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
     if stop.requested:
         raise Interrupted(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint_path}; "
                           f"continue with --resume")
+    if step > first_step:  # not when --resume found the run already finished
+        print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
 
 
 # --- main ---

@@ -381,7 +381,8 @@ def train(args, stage, model, optimizer, lr, batch_loss, count, total_steps, che
     log = MetricsLog(args.out / f"{'autoencoder_' if stage == 'autoencoder' else ''}metrics.csv",
                      append=start is not None)
     progress = tqdm(total=total_steps, initial=step, desc=f"training the {stage}", unit="step")
-    logged, window_start, window_steps, order_epoch = 0.0, time.perf_counter(), 0, None
+    started, first_step = time.perf_counter(), step
+    logged, window_start, window_steps, order_epoch = 0.0, started, 0, None
     steps_per_epoch = count // args.batch_size
     with StopRequest() as stop:
         while step < total_steps and not stop.requested:
@@ -418,6 +419,8 @@ def train(args, stage, model, optimizer, lr, batch_loss, count, total_steps, che
     if stop.requested:
         raise Interrupted(f"interrupted at step {step} of {total_steps} of the {stage}; checkpoint saved to {path}; "
                           f"continue with --resume")
+    if step > first_step:  # not when --resume found the run already finished
+        print(f"trained the {stage} in {(time.perf_counter() - started) / 60:.1f} min")
 
 
 def train_autoencoder(args, images, config, device, start):

@@ -153,7 +153,7 @@ def test_a_lesson03_checkpoint_is_refused(tmp_path, capsys, lesson04):
 
 
 def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_dir, tmp_path, lesson04, monkeypatch,
-                                                                   float32_on_device):
+                                                                   float32_on_device, capsys):
     # Training and resume are what this test checks; the full figure set is checked above.
     monkeypatch.setattr(lesson04, "STEP_COUNTS", (2, 4))
     monkeypatch.setattr(lesson04, "INVERSION_STEPS", (2,))
@@ -161,11 +161,15 @@ def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_d
     tiny = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--width", "8", "--channel-mults", "1,2",
             "--batch-size", "16", "--steps", "4", "--num-samples", "2"]
     lesson04.main([*tiny, "--max-steps", "6"])
+    assert "trained in" in capsys.readouterr().out
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["lesson"] == "04_ddim_fast_sampling" and state["step"] == 6
     assert (out / "metrics.csv").read_text().splitlines()[-1].startswith("6,")
     lesson04.main([*tiny, "--max-steps", "9", "--resume"])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 9
+    capsys.readouterr()
+    lesson04.main([*tiny, "--max-steps", "9", "--resume"])  # already finished: nothing to train, no time to report
+    assert "trained in" not in capsys.readouterr().out
     (out / "samples.npz").unlink()
     lesson04.main([*tiny, "--sample-only"])
     assert np.load(out / "samples.npz")["images"].shape == (2, 28, 28, 1)

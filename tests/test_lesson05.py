@@ -115,10 +115,11 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, fl
     assert first.returncode == 0, first.stderr
     for name in ("autoencoder.pt", "reconstructions.png", "latents.png", "autoencoder_loss.png"):
         assert (out / name).stat().st_size > 0 and f"wrote {out / name}" in first.stdout
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / "checkpoint.pt").exists() and "trained the autoencoder in" in first.stdout
     second = lesson("--stage", "diffusion", "--max-steps", "4", *common)
     assert second.returncode == 0, second.stderr
     assert "reusing the trained autoencoder" in second.stdout and "cheaper" in second.stdout
+    assert "trained the diffusion model in" in second.stdout and "trained the autoencoder" not in second.stdout
     for name in ("checkpoint.pt", "samples.png", "samples.npz", "denoising.gif", "denoising.png", "loss.png",
                  "metrics.csv"):
         assert (out / name).stat().st_size > 0, name
