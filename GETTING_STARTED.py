@@ -11,6 +11,7 @@ It exits with status 1, saying why, when this machine cannot run the lessons; wa
 """
 import importlib.metadata
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -27,23 +28,37 @@ MIN_FREE_GIB = 0.5  # a run writes a few MB; a dataset download needs up to 0.2 
 TIMED_SECONDS = 3.0  # how long to time the toy model (after warm-up)
 PROBE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's first MNIST mirror
 
-# Each lesson's default CPU run, measured on the development machine (a 2-core AMD EPYC VM; README
-# "Results"), and the training speed of lesson 01's default model on that machine on the same day, in
-# images/s. A prediction scales the minutes by (that speed / the speed measured here). The speeds: lesson
-# 01's run trained at ~600 images/s (its own log); lessons 02 and 03 ran on the day benchmarks/
-# lesson01_speed.py measured 707 images/s; lessons 04 and 05 ran on a day when lesson 02's 1000-step sampling
-# took 147 s instead of 96.4 s, so about 707 * 96.4 / 147 = 464 images/s (an estimate, not a measurement).
+# Each lesson's default CPU run as measured on the development machine (a 2-core AMD EPYC VM; README
+# "Results"): (wall minutes, images/s of lesson 01's default model on that machine that day). The VM's speed
+# varies from day to day, and not by the same factor for every lesson, so a lesson measured on two days
+# predicts from both (predicted_minutes). Day 1: lesson 01's run trained at ~600 images/s (its own log);
+# lessons 02 and 03 ran on the day benchmarks/lesson01_speed.py measured 707 images/s. Day 2 (2026-11-23):
+# all five in one `python benchmarks/quality.py` with nothing else running; this script then measured 330 and
+# 325 images/s (`python GETTING_STARTED.py --offline --seconds 10`, twice), and lesson 01's run logged 325.
+# Lessons 04 and 05 use day 2 alone: day 1 has no measured speed for them.
+DAY_2_RATE = 328
 LESSONS = [
     ("01_ddpm_toy.py", "the forward process, a small noise-predicting U-Net, the simple loss, DDPM sampling",
-     9.2, 600),
+     ((9.2, 600), (15.6, DAY_2_RATE))),
     ("02_ddpm.py", "the full DDPM: ResNet U-Net + attention, cosine schedule, EMA, checkpoints, mixed precision",
-     23.6, 707),
-    ("03_conditional_ddpm.py", "class-conditional generation and classifier-free guidance", 23.7, 707),
+     ((23.6, 707), (37.1, DAY_2_RATE))),
+    ("03_conditional_ddpm.py", "class-conditional generation and classifier-free guidance",
+     ((23.7, 707), (35.2, DAY_2_RATE))),
     ("04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt",
-     "DDIM: 50 steps instead of 1000 on lesson 02's model, determinism, inversion (run lesson 02 first)", 1.4, 464),
+     "DDIM: 50 steps instead of 1000 on lesson 02's model, determinism, inversion (run lesson 02 first)",
+     ((1.4, DAY_2_RATE),)),
     ("05_latent_diffusion.py", "an autoencoder, then diffusion in its latent space: the idea of Stable Diffusion",
-     22.0, 464),
+     ((21.9, DAY_2_RATE),)),
 ]
+
+
+def predicted_minutes(runs, rate):
+    """A lesson's minutes where lesson 01's model trains at `rate` images/s. Each measured run's minutes x that
+    day's rate is the run's work in toy-model images; over several days take their geometric mean (a run twice
+    as slow and one twice as fast cancel), then divide by the speed measured here."""
+    work = math.exp(sum(math.log(minutes * day_rate) for minutes, day_rate in runs) / len(runs))
+    return work / rate
+
 
 TROUBLESHOOTING = """\
 Troubleshooting
@@ -248,17 +263,17 @@ def toy_speed(device, seconds=TIMED_SECONDS, batch=128):
 
 def learning_path(rate, device):
     print("Learning path (one lesson at a time; read the file after it runs)")
-    for index, (command, teaches, minutes, reference_rate) in enumerate(LESSONS, start=1):
+    for index, (command, teaches, runs) in enumerate(LESSONS, start=1):
         if device.type == "cpu":
-            here = minutes * reference_rate / rate  # minutes, scaled by this machine's speed
+            here = predicted_minutes(runs, rate)
             estimate = f"about {here:.0f} min here" if here >= 1.5 else f"about {here * 60:.0f} s here"
         else:
             estimate = "minutes on a GPU (README 'Results')"
         print(f"  {index}. python {command}\n       {teaches}\n       {estimate}")
     if device.type == "cpu":
-        print("  (Times scale each lesson's measured run by lesson 01's speed here. Lessons with larger networks\n"
-              "   do not always slow down in step with it: on one day the development machine ran lesson 01's\n"
-              "   model at half its reference speed but lesson 02's at 0.6 of its own. Treat them as rough.)")
+        print("  (Times scale each lesson's measured runs by lesson 01's speed here. Lessons with larger networks\n"
+              "   do not slow down in step with it: on the development machine, on the two days measured, these\n"
+              "   predictions missed lessons 02 and 03 by up to 21% either way. Treat them as rough.)")
 
 
 def parse_args(argv=None):

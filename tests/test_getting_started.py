@@ -77,8 +77,13 @@ def test_an_unwritable_output_folder_or_missing_device_fails(guide, tiny_data_di
 def test_predictions_scale_with_the_measured_speed(guide, capsys):
     import torch
 
-    minutes, rate = guide.LESSONS[0][2], guide.LESSONS[0][3]
+    (minutes, rate), = guide.LESSONS[4][2]  # lesson 05: measured on one day
     guide.learning_path(rate, torch.device("cpu"))  # the reference machine: its own minutes
     assert f"about {minutes:.0f} min here" in capsys.readouterr().out
     guide.learning_path(rate * 2, torch.device("cpu"))  # twice as fast: half the time
     assert f"about {minutes / 2:.0f} min here" in capsys.readouterr().out
+    # Two days: 10 min at 100 images/s and 40 min at 100 images/s predict their geometric mean, 20 min;
+    # a day with half the speed counts its minutes as half the work.
+    assert guide.predicted_minutes([(10, 100), (40, 100)], 100) == pytest.approx(20)
+    assert guide.predicted_minutes([(10, 100), (80, 50)], 100) == pytest.approx(20)
+    assert guide.predicted_minutes([(10, 100), (80, 50)], 200) == pytest.approx(10)
