@@ -9,7 +9,8 @@ New here:
 Left out, added later: EMA, full ResNet blocks with dropout, attention, cosine schedule (lesson 02); class
 guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
 
-CPU:  python 01_ddpm_toy.py    9.2 min on a 2-core AMD EPYC VM (8.5 train + 0.5 sample)
+CPU:  python 01_ddpm_toy.py    9.2 min on a 2-core AMD EPYC VM (8.5 train + 0.5 sample);
+      15.6 min on a slower day of the same VM (14.5 train + 0.9 sample; README "Results")
 GPU:  python 01_ddpm_toy.py --device cuda --epochs 40 --width 32    3.7 min on one H100 (3.4 train + 2 s sample)
 Writes to outputs/01_ddpm_toy/: forward.png (the forward process), checkpoint.pt, samples.png,
 samples.npz, denoising.gif, denoising.png, loss.png, metrics.csv.

@@ -9,7 +9,8 @@ New here:
   - training as large runs do it: AdamW, warm-up, clipping, checkpoints, mixed precision, several GPUs.
 Left out, added later: class conditioning (lesson 03), fast sampling (04), latent space (05).
 
-CPU:  python 02_ddpm.py    23.6 min on a 2-core AMD EPYC VM (21.8 train + 1.6 sample)
+CPU:  python 02_ddpm.py    23.6 min on a 2-core AMD EPYC VM (21.8 train + 1.6 sample);
+      37.1 min on a slower day of the same VM (34.3 train + 2.6 sample; README "Results")
 GPU:  python 02_ddpm.py --device cuda    1.9 min on one H100 (1.5 train + 11 s sample, bf16)
 The paper's 35.7M-parameter CIFAR-10 model and recipe (about 14 h on one H100, estimated from the
 2012 images/s that benchmarks/lesson02_speed.py measured; not run to the end here):

@@ -8,7 +8,8 @@ New here:
   - guided sampling eps = (1 + w) eps(x, c) - w eps(x), both predictions in one doubled batch.
 Left out: several GPUs and mixed precision (see lesson 02); fast sampling (04); latent space (05).
 
-CPU:  python 03_conditional_ddpm.py    23.8 min on a 2-core AMD EPYC VM (18.4 train + 5.3 sample)
+CPU:  python 03_conditional_ddpm.py    23.8 min on a 2-core AMD EPYC VM (18.4 train + 5.3 sample);
+      35.2 min on a slower day of the same VM (27.0 train + 8.0 sample; README "Results")
 GPU:  python 03_conditional_ddpm.py --device cuda --epochs 15 --width 32    3.9 min on one H100 (3.6 train)
 Writes to outputs/03_conditional_ddpm/: checkpoint.pt, samples.png (one row per class), samples.npz
 (images and labels), guidance.png (rows: w, columns: classes), denoising.gif, denoising.png, loss.png,

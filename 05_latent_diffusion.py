@@ -11,7 +11,7 @@ New here:
 Left out: the perceptual and adversarial losses of the paper's autoencoders, and text conditioning.
 
 CPU:  python 05_latent_diffusion.py    22 min on a 2-core AMD EPYC VM (5.6 autoencoder + 14.7 diffusion,
-      ~1000 latents/s; 64 samples in seconds)
+      ~1000 latents/s; 64 samples in seconds); 21.9 min on another day (5.9 + 15.2, ~965 latents/s)
 GPU:  python 05_latent_diffusion.py --device cuda    (not timed yet)
 Writes to outputs/05_latent_diffusion/: autoencoder.pt, checkpoint.pt, reconstructions.png, latents.png,
 samples.png, samples.npz, denoising.gif, denoising.png, loss.png, autoencoder_loss.png, metrics.csv,
