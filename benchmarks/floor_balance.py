@@ -18,6 +18,12 @@ from common import write_results
 from utils import data, metrics
 
 
+def balanced_indices(labels, count, generator, classes=10):
+    """`count` distinct indices of `labels`, exactly count // classes from each class, drawn at random."""
+    return torch.cat([members[torch.randperm(len(members), generator=generator)[:count // classes]]
+                      for members in (torch.nonzero(labels == c).flatten() for c in range(classes))])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist", choices=list(data.DATASETS))
@@ -33,7 +39,6 @@ def main():
     test = data.load_dataset(args.dataset, args.data_dir, "test")
     train = data.load_dataset(args.dataset, args.data_dir, "train")
     reference = metrics.feature_statistics(metrics.predict(model, test.images, "cpu")[0])
-    by_class = [torch.nonzero(train.labels == c).flatten() for c in range(10)]
 
     def distance(indices):
         features = metrics.predict(model, train.images[indices], "cpu")[0]
@@ -43,8 +48,7 @@ def main():
     for seed in range(args.draws):
         generator = torch.Generator().manual_seed(seed)
         random.append(distance(torch.randperm(len(train.labels), generator=generator)[:args.count]))
-        balanced.append(distance(torch.cat([members[torch.randperm(len(members), generator=generator)
-                                                    [:args.count // 10]] for members in by_class])))
+        balanced.append(distance(balanced_indices(train.labels, args.count, generator)))
     rows = [{"measure": f"{kind}, {args.count} images, draws with seeds 0-{args.draws - 1}",
              "value": " / ".join(f"{d:.1f}" for d in values), "ratio": f"{min(values):.1f}-{max(values):.1f}"}
             for kind, values in (("random training images", random), ("training images, equal per class", balanced))]

@@ -1,17 +1,24 @@
-"""benchmarks/quality.py's results file: rows of lessons not run again are kept, in lesson order."""
+"""benchmarks/: quality.py's results file (rows of lessons not run again are kept, in lesson order) and
+floor_balance.py's class-balanced draws."""
 import csv
 import importlib.util
 import sys
 
+import torch
+
 from conftest import ROOT
 
 
-def load_quality():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # quality.py imports its sibling common.py
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+def load_benchmark(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling common.py
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_quality():
+    return load_benchmark("quality")
 
 
 def row(run, fd):
@@ -45,3 +52,12 @@ def test_every_lesson_has_a_readme_command_and_lesson_04_samples_lesson_02s_mode
     for key, argv in quality.LESSONS.items():
         assert (ROOT / argv[0]).is_file() and argv[0].startswith(key)
         assert f"python {' '.join(argv)}".replace("{runs}", "outputs") in (ROOT / "README.md").read_text()
+
+
+def test_balanced_draws_take_the_same_number_of_distinct_images_from_every_class():
+    floor_balance = load_benchmark("floor_balance")
+    labels = torch.tensor([0] * 30 + [1] * 7 + [2] * 13).repeat(2)  # unevenly mixed classes
+    generator = torch.Generator().manual_seed(0)
+    first = floor_balance.balanced_indices(labels, 15, generator, classes=3)
+    assert len(set(first.tolist())) == 15 and torch.bincount(labels[first]).tolist() == [5, 5, 5]
+    assert not torch.equal(first, floor_balance.balanced_indices(labels, 15, generator, classes=3))  # a new draw
