@@ -1,24 +1,18 @@
 """benchmarks/: quality.py's results file (rows of lessons not run again are kept, in lesson order) and
 floor_balance.py's class-balanced draws."""
 import csv
-import importlib.util
 import sys
 
 import torch
 
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling common.py
+from common import load_lesson  # noqa: E402  (loads any file of the repository by path)
+
 
 def load_benchmark(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling common.py
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_quality():
-    return load_benchmark("quality")
+    return load_lesson(f"benchmarks/{name}.py")
 
 
 def row(run, fd):
@@ -26,7 +20,7 @@ def row(run, fd):
 
 
 def test_results_accumulate_across_runs_and_stay_in_lesson_order(tmp_path, monkeypatch):
-    quality = load_quality()
+    quality = load_benchmark("quality")
     monkeypatch.setattr(quality, "RESULTS", tmp_path)
     monkeypatch.setattr(sys, "argv", ["quality.py", "--lessons", "01", "03"])
     quality.write([row("03", "80"), row("03, w = 0", "99"), row("03, w = 4", "144"), row("01", "203")], "cpu")
@@ -47,7 +41,7 @@ def test_results_accumulate_across_runs_and_stay_in_lesson_order(tmp_path, monke
 
 
 def test_every_lesson_has_a_readme_command_and_lesson_04_samples_lesson_02s_model():
-    quality = load_quality()
+    quality = load_benchmark("quality")
     assert sorted(quality.LESSONS) == ["01", "02", "03", "04", "05"]
     for key, argv in quality.LESSONS.items():
         assert (ROOT / argv[0]).is_file() and argv[0].startswith(key)
