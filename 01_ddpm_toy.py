@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
-    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
+    last_good, load_checkpoint, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
+    writable_dir,
 )
 
 LESSON = "01_ddpm_toy"
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
     parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate at the end")
+    parser.add_argument("--sample-batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
+                        help="images per sampling batch, whatever --num-samples is (README: measured)")
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
@@ -294,11 +297,12 @@ def write_forward_process(images, schedule, seed, path, count=4):
 def write_samples(model, schedule, config, args, device):
     """Sample --num-samples images and write samples.png/.npz, denoising.gif/.png; return the paths."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    shape = (args.num_samples, config["channels"], config["image_size"], config["image_size"])
+    shape = (config["channels"], config["image_size"], config["image_size"])
     gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
     model.eval()
     started = time.perf_counter()
-    images, kept = sample(model, schedule, shape, generator, keep=gif_steps | set(STRIP_STEPS))
+    images, kept = in_batches(args.num_samples, args.sample_batch_size, lambda start, count: sample(
+        model, schedule, (count, *shape), generator, keep=gif_steps | set(STRIP_STEPS)))
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({T} steps)")
     return [
         visualize.save_grid(images, args.out / "samples.png"),

@@ -5,12 +5,14 @@ Papers: Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", 2020, arX
 Builds on: lesson 01 (forward process, noise prediction, the simple loss, ancestral sampling).
 New here:
   - the paper's U-Net: ResNet blocks with dropout, self-attention, channel multipliers; EMA weights;
-  - the cosine schedule, and sampling through the posterior q(x_{t-1} | x_t, x_0) with its two variances;
+  - the cosine schedule, sampling through the posterior q(x_{t-1} | x_t, x_0) with its two variances, and
+    what the network predicts: the noise eps (Ho et al.) or v (Salimans & Ho 2022, arXiv:2202.00512);
   - training as large runs do it: AdamW, warm-up, clipping, checkpoints, mixed precision, several GPUs.
 Left out, added later: class conditioning (lesson 03), fast sampling (04), latent space (05).
 
-CPU:  python 02_ddpm.py    23.6 min on a 2-core AMD EPYC VM (21.8 train + 1.6 sample);
-      37.1 min on a slower day of the same VM (34.3 train + 2.6 sample; README "Results")
+CPU:  python 02_ddpm.py    31.5 min on a 2-core AMD EPYC VM on 2026-11-29 (29.6 train + 1.8 sample);
+      with --prediction eps, the default until then: 23.6 min (21.8 + 1.6) and, on a slower day,
+      37.1 min (34.3 + 2.6; README "Results")
 GPU:  python 02_ddpm.py --device cuda    1.9 min on one H100 (1.5 train + 11 s sample, bf16)
 The paper's 35.7M-parameter CIFAR-10 model and recipe (about 14 h on one H100, estimated from the
 2012 images/s that benchmarks/lesson02_speed.py measured; not run to the end here):
@@ -37,8 +39,9 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
-    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
+    last_good, load_checkpoint, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
+    writable_dir,
 )
 
 LESSON = "02_ddpm"
@@ -86,6 +89,10 @@ def parse_args(argv=None):
                         help="EMA decay of the sampling weights; averages over ~1/(1-decay) steps (paper: 0.9999)")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
                         help="noise schedule: cosine (Nichol & Dhariwal) or linear (Ho et al.)")
+    parser.add_argument("--prediction", choices=["eps", "v"], default="v",
+                        help="what the network predicts: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & "
+                             "Ho 2022), or eps, the noise (paper); eps samples better with 1000 DDPM steps, v with "
+                             "deterministic few-step samplers (lesson 04): README 'eps or v?'")
     parser.add_argument("--variance", choices=["posterior", "beta"], default="posterior",
                         help="sampling variance sigma_t^2: the posterior's beta_tilde_t, or beta_t (paper: both work)")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
@@ -102,6 +109,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
     parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate at the end")
+    parser.add_argument("--sample-batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
+                        help="images per sampling batch, whatever --num-samples is (README: measured)")
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
@@ -330,13 +339,19 @@ class EMA:
 
 # --- loss ---
 
-def loss_fn(model, x0, schedule, generator):
+def loss_fn(model, x0, schedule, generator, prediction="eps"):
     """DDPM Algorithm 1 on a batch x0 [B, C, H, W]: one scalar loss."""
     t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = add_noise(x0, t, eps, schedule)
-    # DDPM Eq. 14, L_simple = E ||eps - eps_theta(x_t, t)||^2, in float32 even under mixed precision.
-    return F.mse_loss(model(x_t, t).float(), eps)
+    if prediction == "eps":
+        target = eps  # DDPM Eq. 14, L_simple = E ||eps - eps_theta(x_t, t)||^2
+    else:
+        # Salimans & Ho 2022, Section 4: v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0. Near t = T, where
+        # x_t is almost all noise, v is about -x0: the network answers "which image?" instead of returning its input.
+        alpha_bar_t = schedule["alpha_bars"][t].view(-1, 1, 1, 1)
+        target = alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
+    return F.mse_loss(model(x_t, t).float(), target)  # in float32 even under mixed precision
 
 
 # --- sampler ---
@@ -352,12 +367,16 @@ def sampling_constants(schedule, variance):
     return constants
 
 
-def sample_step(model, x_t, t, constants, generator, clip_x0=True):
+def sample_step(model, x_t, t, constants, generator, clip_x0=True, prediction="eps"):
     """One reverse step through the posterior: x_t [N, C, H, W] at timestep t -> (x_{t-1}, x0_pred)."""
-    eps_pred = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
+    output = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
     alpha_bar_t = constants["alpha_bars"][t]
-    # 1. DDPM Eq. 4 solved for x_0: x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps_pred) / sqrt(alpha_bar_t).
-    x0_pred = (x_t - math.sqrt(1 - alpha_bar_t) * eps_pred) / math.sqrt(alpha_bar_t)
+    if prediction == "eps":
+        # 1. DDPM Eq. 4 solved for x_0: x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps_pred) / sqrt(alpha_bar_t).
+        x0_pred = (x_t - math.sqrt(1 - alpha_bar_t) * output) / math.sqrt(alpha_bar_t)
+    else:
+        # 1. From v: x0_pred = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v_pred (Salimans & Ho 2022, Section 4).
+        x0_pred = math.sqrt(alpha_bar_t) * x_t - math.sqrt(1 - alpha_bar_t) * output
     if clip_x0:
         x0_pred = x0_pred.clamp(-1, 1)  # images live in [-1, 1]; without clipping this is exactly Eq. 11
     # 2. DDPM Eq. 7: the mean of q(x_{t-1} | x_t, x_0 = x0_pred).
@@ -370,14 +389,14 @@ def sample_step(model, x_t, t, constants, generator, clip_x0=True):
 
 
 @torch.inference_mode()
-def sample(model, schedule, shape, generator, variance="posterior", clip_x0=True, keep=()):
+def sample(model, schedule, shape, generator, variance="posterior", clip_x0=True, prediction="eps", keep=()):
     """Pure noise [N, C, H, W] -> images in [-1, 1] after T reverse steps; also {t: (x_t, x0_pred)} for t in
     `keep`: the sample as it enters step t and the model's guess of the final image from it."""
     constants = sampling_constants(schedule, variance)
     x_t = torch.randn(shape, device=schedule["betas"].device, generator=generator)
     kept = {}
     for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
-        x_prev, x0_pred = sample_step(model, x_t, t, constants, generator, clip_x0)
+        x_prev, x0_pred = sample_step(model, x_t, t, constants, generator, clip_x0, prediction)
         if t in keep:
             kept[t] = (x_t.clamp(-1, 1).cpu(), x0_pred.clamp(-1, 1).cpu())
         x_t = x_prev
@@ -485,7 +504,7 @@ def train(args, model, ema, images, schedule, config, device, rank, world_size, 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                loss = loss_fn(network, images[batch], schedule, generator)
+                loss = loss_fn(network, images[batch], schedule, generator, config["prediction"])
             mean_loss, stop_votes = agree([loss.item(), float(stop.requested)], world_size, device)
             if not math.isfinite(mean_loss):
                 raise LessonError(f"loss became {mean_loss} at step {step}; "
@@ -520,23 +539,27 @@ def train(args, model, ema, images, schedule, config, device, rank, world_size, 
 def write_samples(model, schedule, config, args, device):
     """Sample --num-samples images and write samples.png/.npz, denoising.gif/.png; return the paths."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    shape = (args.num_samples, config["channels"], config["image_size"], config["image_size"])
+    shape = (config["channels"], config["image_size"], config["image_size"])
     gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
     amp_dtype = mixed_precision(args.precision, device)
+
+    def draw(start, count):
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            return sample(model, schedule, (count, *shape), generator, args.variance, args.clip_x0,
+                          config.get("prediction", "eps"), keep=gif_steps | set(STRIP_STEPS))
+
     started = time.perf_counter()
-    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-        images, kept = sample(model, schedule, shape, generator, args.variance, args.clip_x0,
-                              keep=gif_steps | set(STRIP_STEPS))
+    images, kept = in_batches(args.num_samples, args.sample_batch_size, draw)
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({T} steps)")
-    images = images.float().cpu()
+    images, first_batch = images.float(), min(args.num_samples, args.sample_batch_size)  # kept: the first batch
     return [
         visualize.save_grid(images, args.out / "samples.png"),
         visualize.save_samples_npz(images, args.out / "samples.npz"),
-        visualize.save_denoising_gif([kept[t][0] for t in sorted(gif_steps, reverse=True)] + [images],
+        visualize.save_denoising_gif([kept[t][0] for t in sorted(gif_steps, reverse=True)] + [images[:first_batch]],
                                      args.out / "denoising.gif"),
         # x_t beside x0_pred: the large structure is decided early, the details in the last few hundred steps.
         visualize.save_reverse_process([kept[t][0] for t in STRIP_STEPS], [kept[t][1] for t in STRIP_STEPS],
-                                       STRIP_STEPS, args.out / "denoising.png", rows=min(3, len(images))),
+                                       STRIP_STEPS, args.out / "denoising.png", rows=min(3, first_batch)),
     ]
 
 
@@ -611,12 +634,12 @@ def train_and_sample(args, rank, world_size, device):
         raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size} x {world_size} processes")
     config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
-              "dropout": args.dropout, "schedule": args.schedule, "batch_size": args.batch_size,
-              "world_size": world_size, "seed": args.seed, "steps_per_epoch": steps_per_epoch,
-              "total_steps": args.max_steps or args.epochs * steps_per_epoch}
+              "dropout": args.dropout, "schedule": args.schedule, "prediction": args.prediction,
+              "batch_size": args.batch_size, "world_size": world_size, "seed": args.seed,
+              "steps_per_epoch": steps_per_epoch, "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
-        require_same(start["config"], config, ARCHITECTURE_KEYS + ("dataset", "batch_size", "world_size", "seed"),
-                     args.out / "checkpoint.pt")
+        resume_keys = ("prediction", "dataset", "batch_size", "world_size", "seed")
+        require_same(start["config"], config, ARCHITECTURE_KEYS + resume_keys, args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)
     schedule = make_schedule(args.schedule, device)

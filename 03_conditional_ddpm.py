@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
-    non_negative_float, pick_device, positive_float, positive_int, require_same, run, save_checkpoint, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
+    last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, require_same, run,
+    save_checkpoint, writable_dir,
 )
 
 LESSON = "03_conditional_ddpm"
@@ -89,6 +90,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
     parser.add_argument("--num-samples", type=positive_int, default=60,
                         help="images to generate at the end, split evenly over the classes")
+    parser.add_argument("--sample-batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
+                        help="images per sampling batch, whatever --num-samples is (README: measured)")
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
@@ -460,8 +463,9 @@ def write_samples(model, schedule, config, args, device):
     x_T = torch.randn((len(labels), *shape), device=device, generator=generator)
     gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
     started = time.perf_counter()
-    images, kept = sample(model, schedule, labels, args.guidance_scale, x_T, generator,
-                          keep=gif_steps | set(STRIP_STEPS))
+    images, kept = in_batches(len(labels), args.sample_batch_size, lambda start, count: sample(
+        model, schedule, labels[start:start + count], args.guidance_scale, x_T[start:start + count], generator,
+        keep=gif_steps | set(STRIP_STEPS)))
     print(f"sampled {len(labels)} images at w={args.guidance_scale:g} in {time.perf_counter() - started:.1f} s")
     per_row = len(labels) if args.class_label is not None else math.ceil(args.num_samples / NUM_CLASSES)
     paths = [

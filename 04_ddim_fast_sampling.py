@@ -1,16 +1,16 @@
-"""Lesson 04: DDIM, fast and deterministic sampling from a DDPM without retraining.
+"""Lesson 04: DDIM, fast and deterministic sampling from a DDPM without retraining, and a second-order solver.
 
-Paper: Song, Meng & Ermon, "Denoising Diffusion Implicit Models", 2021, arXiv:2010.02502.
-Builds on: lesson 02 (its network and checkpoints are used as they are).
+Papers: Song, Meng & Ermon, "Denoising Diffusion Implicit Models", 2021, arXiv:2010.02502;
+        Lu, Zhou, Bao, Chen, Li & Zhu, "DPM-Solver++", 2022, arXiv:2211.01095;
+        Lin, Liu, Li & Yang, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2024, arXiv:2305.08891.
+Builds on: lesson 02 (its network and checkpoints are used as they are, eps- or v-prediction).
 New here:
-  - the DDIM update (Eq. 12) on a sub-sequence of the timesteps: 20-50 steps instead of 1000;
-  - eta, the noise knob of Eq. 16: eta = 0 is deterministic, eta = 1 is DDPM-like;
-  - DDIM inversion: running Eq. 12 backwards from an image to the noise that draws it.
+  - the DDIM update (Eq. 12) on a sub-sequence of the timesteps that starts at T - 1 ("trailing"):
+    10-50 steps instead of 1000; eta, the noise knob of Eq. 16; DDIM inversion (Eq. 12 run backwards);
+  - DPM-Solver++(2M): the same update with x0_pred extrapolated from the last two steps, in log-SNR time.
 Left out: class guidance (lesson 03); latent space (05).
 
-CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    84 s on a 2-core AMD EPYC VM
-      (64 images in 50 steps: 11.4 s; lesson 02's 1000 steps took 147 s for them on the same day; the rest
-      is steps.png and the inversion sweep)
+CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    MEASURE
 GPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt --device cuda    (not timed yet)
 Compare with DDPM, timed and scored: python examples/compare_methods.py (README, "Lesson 04").
 Without --checkpoint it first trains lesson 02's default model with lesson 02's objective.
@@ -21,6 +21,7 @@ count), denoising.gif, denoising.png; when it trains, also checkpoint.pt, loss.p
 """
 import argparse
 import copy
+import functools
 import math
 import time
 
@@ -31,8 +32,9 @@ from tqdm import tqdm
 
 from utils import data, interpolation, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, last_good, load_checkpoint,
-    non_negative_float, pick_device, positive_float, positive_int, run, save_checkpoint, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
+    last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, run, save_checkpoint,
+    writable_dir,
 )
 
 LESSON = "04_ddim_fast_sampling"
@@ -41,6 +43,7 @@ BETA_START, BETA_END = 1e-4, 0.02  # DDPM's linear schedule (lesson 02)
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
 ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's checkpoints
 EMA_WARMUP = 10
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic")  # diffusers' names, and DDIM's quadratic
 STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
 INVERSION_STEPS = (10, 20, 50, 100, 200)  # step counts of inversion_error.png
@@ -71,12 +74,15 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Lesson 04: DDIM sampling and inversion with a lesson 02 model.")
     parser.add_argument("--checkpoint", default=None,
                         help="a lesson 02 (or 04) checkpoint to sample from; without it, train one first")
-    parser.add_argument("--steps", type=positive_int, default=50, help=f"DDIM steps, at most T = {T}")
+    parser.add_argument("--steps", type=positive_int, default=50, help=f"network calls of the sampler, at most T = {T}")
     parser.add_argument("--eta", type=non_negative_float, default=0.0,
-                        help="noise of each step (Eq. 16): 0 deterministic DDIM, 1 DDPM-like (on lesson 02's "
-                             "small CPU model, 1 scores better: README, 'Lesson 04')")
-    parser.add_argument("--skip", choices=["uniform", "quadratic"], default="uniform",
-                        help="which timesteps the steps visit (DDIM Appendix D.2)")
+                        help="noise of each DDIM step (Eq. 16): 0 deterministic, 1 DDPM-like (README, 'Lesson 04')")
+    parser.add_argument("--sampler", choices=["ddim", "dpm-solver++"], default="ddim",
+                        help="ddim: Eq. 12 with --eta; dpm-solver++: DPM-Solver++(2M), deterministic and second "
+                             "order, good in 10-20 steps (Lu et al. 2022)")
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default="trailing",
+                        help="which timesteps the steps visit, named as in diffusers: trailing starts at T - 1 "
+                             "(Lin et al. 2024); leading is the DDIM paper's floor(c i); quadratic its Appendix D.2")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
                         help="clip the predicted x0 to [-1, 1] in each step")
     parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
@@ -90,10 +96,14 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (lesson 02)")
     parser.add_argument("--channel-mults", type=channel_mults, default=(1, 2, 4), help="as in lesson 02")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="as in lesson 02")
+    parser.add_argument("--prediction", choices=["eps", "v"], default="v",
+                        help="training target, as in lesson 02 (checkpoints say which they were trained with)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
     parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate")
+    parser.add_argument("--sample-batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
+                        help="images per sampling batch, whatever --num-samples is (README: measured)")
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true",
                         help="no training: sample from --checkpoint (default OUT/checkpoint.pt)")
@@ -306,31 +316,65 @@ class EMA:
 
 # --- loss (lesson 02's, for training without a checkpoint) ---
 
-def loss_fn(model, x0, alpha_bars, generator):
+def loss_fn(model, x0, alpha_bars, generator, prediction="eps"):
     """DDPM Algorithm 1 on a batch x0 [B, C, H, W], lesson 02's objective: one scalar loss."""
     t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = add_noise(x0, t, eps, alpha_bars)
-    # DDPM Eq. 14, L_simple = E ||eps - eps_theta(x_t, t)||^2, in float32 even under mixed precision.
-    return F.mse_loss(model(x_t, t).float(), eps)
+    alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
+    # As lesson 02: eps (DDPM Eq. 14) or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022).
+    target = eps if prediction == "eps" else alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
+    return F.mse_loss(model(x_t, t).float(), target)
 
 
-# --- DDIM sampler ---
+# --- samplers: DDIM and DPM-Solver++(2M) ---
 
-def timestep_sequence(steps, skip="uniform"):
-    """The timesteps tau_1 < ... < tau_S that DDIM visits (DDIM Section 4.2, Appendix D.2), as a list
-    starting at 0 (the paper's t = 1). Sampling walks it from the end back to 0."""
-    if skip == "uniform":
-        # tau_i = floor(c i) with c = T / S: evenly spaced, 0, T/S, 2T/S, ...
-        taus = [int(i * T / steps) for i in range(steps)]
-    else:
-        # tau_i = floor(c i^2): dense at small t, where the details are decided. The paper's c = 0.8 T / S^2
-        # ends near t = 0.8 T, which is almost pure noise on its linear schedule but not on the cosine one
-        # (alpha_bar = 0.13 there), so here c makes the last step reach T - 1 on either schedule.
-        taus = [int((T - 1) * i * i / max(1, steps - 1) ** 2) for i in range(steps)]
-        for i in range(1, steps):  # at small i, floor(c i^2) repeats: keep the steps distinct
-            taus[i] = max(taus[i], taus[i - 1] + 1)
+def timestep_sequence(steps, spacing="trailing"):
+    """The timesteps tau_1 < ... < tau_S the sampler visits, an increasing list of 0-based t; sampling walks
+    it from the end and its last step lands on the clean image. Names as diffusers' timestep_spacing:
+      trailing  T-1, T-1-T/S, ...: the first step starts from the last training timestep, where x_T is noise
+                (Lin et al. 2024, arXiv:2305.08891, Section 3.4);
+      leading   0, T//S, 2T//S, ... (DDIM Section 4.2, floor(c i)): starts at T - T/S, where on the cosine
+                schedule x_t still holds signal (alpha_bar = 0.00088 at t = 980), yet x_T is drawn as pure noise;
+      linspace  round(i (T-1) / (S-1)), from 0 to T-1;
+      quadratic floor(c i^2) (DDIM Appendix D.2), dense at small t; here c makes the last step T-1."""
+    if spacing == "trailing":
+        return [round(T - k * T / steps) - 1 for k in range(steps)][::-1]
+    if spacing == "leading":
+        return [i * (T // steps) for i in range(steps)]
+    if spacing == "linspace":
+        return [round(i * (T - 1) / max(1, steps - 1)) for i in range(steps)]
+    taus = [int((T - 1) * i * i / max(1, steps - 1) ** 2) for i in range(steps)]
+    for i in range(1, steps):  # at small i, floor(c i^2) repeats: keep the steps distinct
+        taus[i] = max(taus[i], taus[i - 1] + 1)
     return taus
+
+
+def timestep_pairs(steps, spacing="trailing"):
+    """The steps of a sampler as (t, t_prev) pairs from T-1 down; t_prev = -1 means the clean image."""
+    taus = timestep_sequence(steps, spacing)
+    return list(zip(taus[::-1], [*taus[-2::-1], -1]))
+
+
+def predict_eps_and_x0(model, x_t, t, alpha_bar_t, prediction="eps", clip_x0=True):
+    """The network's answer at timestep t as both eps_pred and x0_pred ([N, C, H, W] each), whatever it was
+    trained to predict; every sampler below calls this once per step."""
+    signal_rate, noise_rate = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
+    output = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
+    if prediction == "v":
+        # Salimans & Ho 2022, Section 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, so with
+        # x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps both are read off without dividing by a small rate.
+        x0_pred = signal_rate * x_t - noise_rate * output
+        eps_pred = noise_rate * x_t + signal_rate * output
+    else:
+        eps_pred = output
+        # DDIM Eq. 12's "predicted x0": DDPM Eq. 4 solved for x_0. At t = 999 this divides eps's error by
+        # sqrt(alpha_bar) = 5e-5; clipping below keeps that from reaching the image.
+        x0_pred = (x_t - noise_rate * eps_pred) / signal_rate
+    if clip_x0:
+        x0_pred = x0_pred.clamp(-1, 1)
+        eps_pred = (x_t - signal_rate * x0_pred) / noise_rate  # keep the pair consistent with the clipped x0
+    return eps_pred, x0_pred
 
 
 def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
@@ -341,55 +385,86 @@ def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
     return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
 
 
-def ddim_step(model, x_t, t, t_prev, alpha_bars, eta, generator, clip_x0=True):
-    """DDIM Eq. 12 from timestep t to t_prev < t (t_prev = -1: to the clean image): x_t [N, C, H, W] -> x_prev."""
-    alpha_bar_t = alpha_bars[t]
-    alpha_bar_prev = alpha_bars[t_prev] if t_prev >= 0 else 1.0
-    eps_pred = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
-    # 1. "predicted x0" of Eq. 12: DDPM Eq. 4 solved for x_0.
-    x0_pred = (x_t - math.sqrt(1 - alpha_bar_t) * eps_pred) / math.sqrt(alpha_bar_t)
-    if clip_x0:
-        x0_pred = x0_pred.clamp(-1, 1)
-        # Keep the pair consistent: the noise that x_t and the clipped x0 imply.
-        eps_pred = (x_t - math.sqrt(alpha_bar_t) * x0_pred) / math.sqrt(1 - alpha_bar_t)
+def ddim_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev, eta, generator):
+    """DDIM Eq. 12 from timestep t to t_prev < t, given the network's eps_pred and x0_pred at t:
+    x_t [N, C, H, W] -> x_prev."""
     sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
-    # 2. Eq. 12: x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma^2) eps_pred + sigma z:
+    # Eq. 12: x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma^2) eps_pred + sigma z:
     # the predicted image, plus the predicted noise at the level of t_prev ("direction pointing to x_t").
     x_prev = math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma ** 2)) * eps_pred
     if sigma > 0:
-        x_prev = x_prev + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)  # 3. random noise
+        x_prev = x_prev + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)
     return x_prev
 
 
+def log_snr(alpha_bar):
+    """lambda = log(alpha / sigma) = 0.5 log(alpha_bar / (1 - alpha_bar)), DPM-Solver's time variable."""
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+def dpm_solver_step(x_t, x0_pred, alpha_bar_t, alpha_bar_prev, previous):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2) from t to t_prev < t: x_t [N, C, H, W]
+    -> (x_prev, state for the next step). `previous` is the last step's (x0_pred, h), or None on the first step.
+
+    It is DDIM's eta = 0 step with x0_pred replaced by a line through this and the last x0_pred, in log-SNR time.
+    """
+    if alpha_bar_prev == 1.0:  # the last step, to the clean image: lambda is infinite, the update is x0_pred
+        return x0_pred, None
+    h = log_snr(alpha_bar_prev) - log_snr(alpha_bar_t)  # the step's length in lambda
+    x0_estimate = x0_pred
+    if previous is not None:
+        # 1. D_i = (1 + 1/(2 r)) x0_pred - 1/(2 r) x0_last, r = h_last / h: x0 extrapolated to the middle of
+        # the step (second order), from the two latest predictions.
+        x0_last, h_last = previous
+        r = h_last / h
+        x0_estimate = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * x0_last
+    # 2. x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^-h - 1) D_i; with D_i = x0_pred this is DDIM's eta = 0.
+    x_prev = (math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x_t
+              - math.sqrt(alpha_bar_prev) * math.expm1(-h) * x0_estimate)
+    return x_prev, (x0_pred, h)
+
+
 @torch.inference_mode()
-def ddim_sample(model, alpha_bars, x_T, steps, eta=0.0, skip="uniform", generator=None, clip_x0=True, keep=0):
-    """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` DDIM steps; also about `keep` snapshots
-    along the way, as (timestep, x_t) pairs."""
+def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing="trailing", prediction="eps",
+           clip_x0=True, generator=None, keep=0):
+    """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` network calls, with DDIM (any eta) or
+    DPM-Solver++(2M) (deterministic); also about `keep` snapshots along the way, as (timestep, x_t) pairs."""
     constants = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
-    taus = timestep_sequence(steps, skip)
-    x_t, kept = x_T, []
+    x_t, kept, previous = x_T, [], None
     every = max(1, steps // keep) if keep else 0
-    for index in tqdm(range(steps - 1, -1, -1), desc=f"DDIM {steps} steps", leave=False):
-        t_prev = taus[index - 1] if index > 0 else -1
-        x_t = ddim_step(model, x_t, taus[index], t_prev, constants, eta, generator, clip_x0)
-        if every and (index % every == 0):
+    name = "DDIM" if sampler == "ddim" else "DPM-Solver++(2M)"
+    pairs = timestep_pairs(steps, spacing)
+    for index, (t, t_prev) in enumerate(tqdm(pairs, desc=f"{name} {steps} steps", leave=False)):
+        alpha_bar_t, alpha_bar_prev = constants[t], constants[t_prev] if t_prev >= 0 else 1.0
+        eps_pred, x0_pred = predict_eps_and_x0(model, x_t, t, alpha_bar_t, prediction, clip_x0)
+        if sampler == "ddim":
+            x_t = ddim_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev, eta, generator)
+        else:
+            x_t, previous = dpm_solver_step(x_t, x0_pred, alpha_bar_t, alpha_bar_prev, previous)
+        remaining = steps - 1 - index
+        if every and remaining % every == 0:
             kept.append((max(t_prev, 0), x_t.clamp(-1, 1).cpu()))  # (timestep reached, x at it)
     return x_t.clamp(-1, 1), kept
 
 
 @torch.inference_mode()
-def ddim_invert(model, alpha_bars, x0, steps, skip="uniform"):
-    """DDIM inversion: Eq. 12 with eta = 0 run from an image x0 [N, C, H, W] up to the noise x_T that
-    deterministic sampling maps back to (nearly) x0. It relies on eps_pred barely changing between steps."""
+def ddim_invert(model, alpha_bars, x0, steps, spacing="trailing", prediction="eps"):
+    """DDIM inversion: the sampler's eta = 0 steps (Eq. 12) run backwards, from an image x0 [N, C, H, W] up to
+    the noise x_T that deterministic sampling maps back to (nearly) x0. It relies on eps_pred barely changing
+    between neighbouring steps: each step uses the prediction at its lower end, where the sampler used the upper."""
     constants = alpha_bars.tolist()
-    taus = timestep_sequence(steps, skip)
     x_t = x0
-    for index in tqdm(range(steps - 1), desc="DDIM inversion", leave=False):
-        t, t_next = taus[index], taus[index + 1]
-        eps_pred = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
-        x0_pred = (x_t - math.sqrt(1 - constants[t]) * eps_pred) / math.sqrt(constants[t])
+    for t_next, t in reversed(timestep_pairs(steps, spacing)):  # (t, t_next) upwards: (-1, tau_1), (tau_1, tau_2) ...
+        alpha_bar_next = constants[t_next]
+        if t < 0:
+            # From the clean image, as the sampler's last step reached it: x0 is known, and eps is asked of the
+            # network at tau_1 (it cannot be asked at the clean image).
+            eps_pred, _ = predict_eps_and_x0(model, x_t, t_next, alpha_bar_next, prediction, clip_x0=False)
+            x0_pred = x_t
+        else:
+            eps_pred, x0_pred = predict_eps_and_x0(model, x_t, t, constants[t], prediction, clip_x0=False)
         # Eq. 12 with sigma = 0, from t up to t_next: the same deterministic map, read the other way.
-        x_t = math.sqrt(constants[t_next]) * x0_pred + math.sqrt(1 - constants[t_next]) * eps_pred
+        x_t = math.sqrt(alpha_bar_next) * x0_pred + math.sqrt(1 - alpha_bar_next) * eps_pred
     return x_t
 
 
@@ -422,7 +497,7 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
             lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(model, images[batch], alpha_bars, generator)
+            loss = loss_fn(model, images[batch], alpha_bars, generator, config.get("prediction", "eps"))
             if not torch.isfinite(loss):
                 raise LessonError(f"loss became {loss.item()} at step {step}; "
                                   f"{last_good(checkpoint_path)} (try a lower --lr)")
@@ -455,37 +530,50 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
 
 # --- main ---
 
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)"}
+
+
+def sampler_for(model, alpha_bars, config, args):
+    """sample() with this run's network, schedule, timestep spacing, prediction target and clipping fixed."""
+    return functools.partial(sample, model, alpha_bars, sampler=args.sampler, spacing=args.timestep_spacing,
+                             prediction=config.get("prediction", "eps"), clip_x0=args.clip_x0)
+
+
 def write_figures(model, alpha_bars, config, args, device, images):
     """samples.png/.npz, denoising.gif/.png, steps.png, inversion.png, inversion_error.png; returns the paths."""
     shape = (config["channels"], config["image_size"], config["image_size"])
+    draw = sampler_for(model, alpha_bars, config, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x_T = torch.randn((args.num_samples, *shape), device=device, generator=generator)
     started = time.perf_counter()
-    samples, kept = ddim_sample(model, alpha_bars, x_T, args.steps, args.eta, args.skip, generator, args.clip_x0,
-                                keep=GIF_FRAMES)
+    samples, kept = in_batches(args.num_samples, args.sample_batch_size, lambda start, count: draw(
+        x_T[start:start + count], args.steps, eta=args.eta, generator=generator, keep=GIF_FRAMES))
+    first_batch = min(args.num_samples, args.sample_batch_size)  # the snapshots in `kept` are of the first batch
+    eta = f", eta = {args.eta:g}" if args.sampler == "ddim" else ""
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s "
-          f"({args.steps} DDIM steps, eta = {args.eta:g}, {args.skip})")
+          f"({args.steps} {SAMPLER_NAMES[args.sampler]} steps{eta}, {args.timestep_spacing} spacing)")
     paths = [visualize.save_grid(samples, args.out / "samples.png"),
              visualize.save_samples_npz(samples, args.out / "samples.npz"),
-             visualize.save_denoising_gif([x_T.clamp(-1, 1).cpu(), *[x for _, x in kept]], args.out / "denoising.gif")]
+             visualize.save_denoising_gif([x_T[:first_batch].clamp(-1, 1).cpu(), *[x for _, x in kept]],
+                                          args.out / "denoising.gif")]
     strip = kept[::max(1, len(kept) // 8)]
     if strip[-1] is not kept[-1]:
         strip.append(kept[-1])  # always end at the finished sample
-    paths.append(visualize.save_denoising_strip([x_T.clamp(-1, 1).cpu(), *[x for _, x in strip]],
+    paths.append(visualize.save_denoising_strip([x_T[:first_batch].clamp(-1, 1).cpu(), *[x for _, x in strip]],
                                                 ["noise", *[str(t) for t, _ in strip]], args.out / "denoising.png"))
     # The same starting noises at each step count, deterministic (eta = 0): each row should agree with itself.
     count = min(STEPS_FIGURE_ROWS, args.num_samples)
-    rows = [ddim_sample(model, alpha_bars, x_T[:count], steps, 0.0, args.skip, None, args.clip_x0)[0]
-            for steps in STEP_COUNTS]
+    rows = [draw(x_T[:count], steps, eta=0.0)[0] for steps in STEP_COUNTS]
     paths.append(visualize.save_labeled_grid(torch.stack(rows, dim=1).flatten(0, 1), [str(i) for i in range(count)],
                                              [f"{steps} steps" for steps in STEP_COUNTS], args.out / "steps.png",
-                                             row_title="starting noise", column_title="DDIM, eta = 0"))
+                                             row_title="starting noise",
+                                             column_title=f"{SAMPLER_NAMES[args.sampler]}, deterministic"))
     # Inversion: training images -> their noise -> back again, at --steps, then at each of INVERSION_STEPS.
     originals = images[:INVERSION_IMAGES].to(device)
     errors = {}
     for steps in sorted({args.steps, *INVERSION_STEPS}):
-        noise = ddim_invert(model, alpha_bars, originals, steps, args.skip)
-        reconstructions, _ = ddim_sample(model, alpha_bars, noise, steps, 0.0, args.skip, None, args.clip_x0)
+        noise = ddim_invert(model, alpha_bars, originals, steps, args.timestep_spacing, config.get("prediction", "eps"))
+        reconstructions, _ = draw(noise, steps, sampler="ddim", eta=0.0)
         errors[steps] = (reconstructions - originals).pow(2).mean().sqrt().item()
         print(f"inversion with {steps} steps: reconstruction RMS error {errors[steps]:.4f} (images span [-1, 1])")
         if steps == args.steps:
@@ -499,10 +587,12 @@ def write_figures(model, alpha_bars, config, args, device, images):
     return paths
 
 
-def write_interpolation(model, alpha_bars, shape, args, device):
+def write_interpolation(model, alpha_bars, config, args, device):
     """Walks between starting noises, decoded deterministically: interpolation.png/.gif (slerp and lerp
     between the same two noises) and interpolation_grid.png (slerp between four); returns the paths.
     DDIM Section 5.3 shows such interpolations: with eta = 0, nearby x_T give related images."""
+    shape = (config["channels"], config["image_size"], config["image_size"])
+    draw = sampler_for(model, alpha_bars, config, args)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
     corners = torch.randn((4, *shape), device=device, generator=generator)
     walks = torch.stack([interpolation.row(corners[0], corners[1], INTERPOLATION_POINTS, method)
@@ -510,11 +600,11 @@ def write_interpolation(model, alpha_bars, shape, args, device):
     middle = walks[:, INTERPOLATION_POINTS // 2].flatten(1).norm(dim=1) / corners[:2].flatten(1).norm(dim=1).mean()
     print(f"interpolation: half-way, the noise has {middle[0]:.2f} (slerp) and {middle[1]:.2f} (lerp) times the norm "
           f"of its end points; real noise always has about 1.00")
-    decoded, _ = ddim_sample(model, alpha_bars, walks.flatten(0, 1), args.steps, 0.0, args.skip, None, args.clip_x0)
+    decoded, _ = draw(walks.flatten(0, 1), args.steps, eta=0.0)
     paths = interpolation.save_interpolation(decoded.view(walks.shape).cpu(), ["slerp", "lerp"],
                                              args.out / "interpolation.png", args.out / "interpolation.gif")
     points = interpolation.grid(list(corners), INTERPOLATION_GRID)
-    decoded, _ = ddim_sample(model, alpha_bars, points, args.steps, 0.0, args.skip, None, args.clip_x0)
+    decoded, _ = draw(points, args.steps, eta=0.0)
     paths.append(interpolation.save_grid(decoded.cpu(), INTERPOLATION_GRID, args.out / "interpolation_grid.png"))
     return paths
 
@@ -546,7 +636,7 @@ def main(argv=None):
         steps_per_epoch = max(1, len(images) // args.batch_size)
         config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[-1],
                   "width": args.width, "channel_mults": list(args.channel_mults), "num_res_blocks": 1,
-                  "schedule": args.schedule, "steps_per_epoch": steps_per_epoch,
+                  "schedule": args.schedule, "prediction": args.prediction, "steps_per_epoch": steps_per_epoch,
                   "total_steps": args.max_steps or args.epochs * steps_per_epoch}
         model = UNet(config["channels"], args.width, args.channel_mults, 1).to(device)
         ema = EMA(model, EMA_DECAY)
@@ -556,8 +646,7 @@ def main(argv=None):
     alpha_bars = make_alpha_bars(config["schedule"], device)
     paths = write_figures(model, alpha_bars, config, args, device, dataset.images)
     if args.interpolate:
-        shape = (config["channels"], config["image_size"], config["image_size"])
-        paths += write_interpolation(model, alpha_bars, shape, args, device)
+        paths += write_interpolation(model, alpha_bars, config, args, device)
     for output in paths:
         print(f"wrote {output}")
 

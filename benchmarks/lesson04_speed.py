@@ -65,7 +65,7 @@ def main():
             lesson02.sample(model, schedule, shape, torch.Generator(device=device).manual_seed(0))
 
     def ddim(steps):
-        return lambda: lesson04.ddim_sample(model, alpha_bars, x_T, steps)
+        return lambda: lesson04.sample(model, alpha_bars, x_T, steps)
 
     ddim(10)()  # warm-up
     times = {"ddpm": [], **{steps: [] for steps in DDIM_STEPS}, "bare": []}

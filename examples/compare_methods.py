@@ -1,12 +1,14 @@
-"""DDPM against DDIM on one trained model: wall time, speed-up and quality per step count.
+"""DDPM against DDIM and DPM-Solver++ on one trained model: wall time, speed-up and quality per step count.
 
     python examples/compare_methods.py --checkpoint outputs/02_ddpm/checkpoint.pt
 
-Samples the same images (the same starting noises, the same batch size) with lesson 02's ancestral
-sampler in 1000 steps and with lesson 04's DDIM sampler in 10, 20, 50 and 100 steps, then scores each
-set with utils.metrics: the Frechet distance to the test split in a small classifier's feature space
-(not Inception-FID), next to the distance that as many real training images reach (the floor), and the
-entropy of the predicted classes. Prints a table and writes, to --out (default
+Samples the same starting noises with lesson 02's ancestral sampler in 1000 steps (the first
+--ddpm-samples of them: it costs 1000 network calls per image) and with lesson 04's DDIM and
+DPM-Solver++(2M) samplers at each of --steps (all --num-samples), then scores each set with
+utils.metrics: the Frechet distance (FD) to the test split in a small classifier's features (not
+Inception-FID), the distance that as many real training images reach (the floor, which depends on the
+count), FD minus the floor, and that excess as a multiple of DDPM-1000's. Lesson 02 checkpoints trained
+with --prediction v are sampled as v-prediction by every method. Writes, to --out (default
 outputs/compare_methods/): compare.csv, compare.md and compare.png (the first 8 starting noises, one
 column per method).
 """
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one folder up
 
 from utils import metrics, visualize  # noqa: E402
-from utils.runtime import ArgumentParser, pick_device, positive_int, run, writable_dir  # noqa: E402
+from utils.runtime import SAMPLE_BATCH_SIZE, ArgumentParser, pick_device, positive_int, run, writable_dir  # noqa: E402
 
 FIGURE_ROWS = 8
 
@@ -53,6 +55,15 @@ def step_counts(text):
     return counts
 
 
+def sampler_names(text):
+    """argparse type: 'ddim,dpm-solver++' -> ('ddim', 'dpm-solver++'), each one of lesson 04's samplers."""
+    names = tuple(part.strip() for part in text.split(","))
+    unknown = [name for name in names if name not in ("ddim", "dpm-solver++")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"samplers are ddim and dpm-solver++, got {text!r}")
+    return names
+
+
 def eta_values(text):
     """argparse type: '0,0.5,1' -> (0.0, 0.5, 1.0), each finite and at least 0."""
     try:
@@ -65,22 +76,33 @@ def eta_values(text):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Compare DDPM (1000 steps) with DDIM (few steps) on one checkpoint.")
+    parser = ArgumentParser(description="Compare DDPM (1000 steps) with DDIM and DPM-Solver++ on one checkpoint.")
     parser.add_argument("--checkpoint", default="outputs/02_ddpm/checkpoint.pt", help="a lesson 02 or 04 checkpoint")
-    parser.add_argument("--steps", type=step_counts, default=(10, 20, 50, 100), help="DDIM step counts")
+    parser.add_argument("--steps", type=step_counts, default=(10, 20, 50, 100), help="step counts of the fast samplers")
+    parser.add_argument("--samplers", type=sampler_names, default=("ddim", "dpm-solver++"),
+                        help="fast samplers, comma-separated: ddim (with each --eta) and dpm-solver++")
     parser.add_argument("--eta", type=eta_values, default=(0.0,),
                         help="DDIM's eta (Eq. 16), or several: '0,0.5,1' gives a row per step count and eta "
                              "(the DDIM paper's Table 1 uses 0, 0.2, 0.5, 1)")
-    parser.add_argument("--num-samples", type=positive_int, default=256,
-                        help="images per method (FD needs a few hundred; DDPM-1000 costs about 1.5 s per image "
-                             "on a 2-core CPU)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per network call, every method")
+    parser.add_argument("--timestep-spacing", choices=lesson04.TIMESTEP_SPACINGS, default="trailing",
+                        help="timesteps of the fast samplers (diffusers' names; lesson 04)")
+    parser.add_argument("--num-samples", type=positive_int, default=1000,
+                        help="images per fast sampler (FD ranks methods from about 1000)")
+    parser.add_argument("--ddpm-samples", type=positive_int, default=256,
+                        help="images for DDPM-1000, the first of the same noises (about 1.5 s per image on a 2-core "
+                             "CPU; at most --num-samples)")
+    parser.add_argument("--batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
+                        help="images per network call, every method")
     parser.add_argument("--no-metrics", action="store_true", help="time only; skip utils.metrics")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=Path("outputs/compare_methods"), help="output folder")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ddpm_samples > args.num_samples:
+        parser.error(f"--ddpm-samples ({args.ddpm_samples}) must be at most --num-samples ({args.num_samples}): "
+                     f"DDPM draws from the same noises")
+    return args
 
 
 def synchronize(device):
@@ -91,26 +113,39 @@ def synchronize(device):
 @torch.inference_mode()
 def draw(method, steps, eta, model, config, noises, args, device):
     """All of `noises` [N, C, H, W] sampled in batches: (images on the CPU, seconds)."""
+    prediction = config.get("prediction", "eps")
     schedule = lesson02.make_schedule(config["schedule"], device)
     alpha_bars = lesson04.make_alpha_bars(config["schedule"], device)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # the noise added along the way
     images = []
     synchronize(device)
     started = time.perf_counter()
-    for batch in noises.split(args.batch_size):
+    for batch in tqdm(noises.split(args.batch_size), desc=f"{method} {steps}", unit="batch", leave=False):
         batch = batch.to(device)
         if method == "DDPM":
             # Lesson 02's sampler draws x_T itself; replay it through its steps instead, from this x_T.
             # Lesson 02's defaults: the posterior variance, x0 clipped (as DDIM clips it here).
             constants = lesson02.sampling_constants(schedule, "posterior")
             x_t = batch
-            for t in tqdm(range(lesson02.T - 1, -1, -1), desc=f"DDPM {lesson02.T} steps", leave=False):
-                x_t, _ = lesson02.sample_step(model, x_t, t, constants, generator, True)
+            for t in range(lesson02.T - 1, -1, -1):
+                x_t, _ = lesson02.sample_step(model, x_t, t, constants, generator, True, prediction)
             images.append(x_t.clamp(-1, 1).cpu())
         else:
-            images.append(lesson04.ddim_sample(model, alpha_bars, batch, steps, eta, "uniform", generator)[0].cpu())
+            sampler = "ddim" if method == "DDIM" else "dpm-solver++"
+            images.append(lesson04.sample(model, alpha_bars, batch, steps, sampler, eta or 0.0, args.timestep_spacing,
+                                          prediction, generator=generator)[0].cpu())
     synchronize(device)
     return torch.cat(images), time.perf_counter() - started
+
+
+def method_list(args):
+    """(name, steps, eta, images) of every row: DDPM-1000 first, then each fast sampler at each step count."""
+    methods = [("DDPM", lesson02.T, "", args.ddpm_samples)]
+    if "ddim" in args.samplers:
+        methods += [("DDIM", steps, eta, args.num_samples) for eta in args.eta for steps in args.steps]
+    if "dpm-solver++" in args.samplers:
+        methods += [("DPM-Solver++(2M)", steps, "", args.num_samples) for steps in args.steps]
+    return methods
 
 
 def main(argv=None):
@@ -123,16 +158,20 @@ def main(argv=None):
         metrics.load_classifier(config["dataset"], args.data_dir, device=device)
     shape = (args.num_samples, config["channels"], config["image_size"], config["image_size"])
     noises = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    methods = [("DDPM", lesson02.T, "")] + [("DDIM", steps, eta) for eta in args.eta for steps in args.steps]
     rows, columns = [], []
-    for method, steps, eta in methods:
-        images, seconds = draw(method, steps, eta, model, config, noises, args, device)
-        row = {"method": method, "steps": steps, "eta": eta,
-               "seconds": round(seconds, 2), "speedup": round(rows[0]["seconds"] / seconds, 1) if rows else 1.0}
+    for method, steps, eta, count in method_list(args):
+        images, seconds = draw(method, steps, eta, model, config, noises[:count], args, device)
+        row = {"method": method, "steps": steps, "eta": eta, "samples": count, "seconds": round(seconds, 2),
+               "seconds_per_image": round(seconds / count, 4)}
+        row["speedup"] = round(rows[0]["seconds_per_image"] / row["seconds_per_image"], 1) if rows else 1.0
         if not args.no_metrics:
             scores = metrics.evaluate(images, config["dataset"], data_dir=args.data_dir, device=device)
             row.update(fd=scores["fd"], fd_real_floor=scores["fd_real_floor"],
+                       fd_above_floor=round(scores["fd"] - scores["fd_real_floor"], 2),
                        class_entropy_bits=scores["class_entropy_bits"])
+            # FD - floor as a multiple of DDPM-1000's; meaningless when DDPM's own sits at or below its floor.
+            ddpm_excess = rows[0]["fd_above_floor"] if rows else row["fd_above_floor"]
+            row["vs_ddpm"] = round(row["fd_above_floor"] / ddpm_excess, 2) if ddpm_excess > 0 else ""
         print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
         rows.append(row)
         columns.append(images[:FIGURE_ROWS])
@@ -144,25 +183,29 @@ def write_outputs(rows, columns, args, config, device):
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    headers = ["method", "steps", "eta", "wall time", "speed-up"]
+    headers = ["method", "steps", "eta", "images", "wall time", "per image", "speed-up"]
     if "fd" in rows[0]:
-        headers += ["FD (lower is better)", "FD of real images (floor)", "class entropy, bits"]
+        headers += ["FD", "floor", "FD - floor", "vs DDPM-1000", "class entropy, bits"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        cells = [row["method"], row["steps"], row["eta"], f"{row['seconds']:.1f} s", f"{row['speedup']:.1f}x"]
+        cells = [row["method"], row["steps"], row["eta"], row["samples"], f"{row['seconds']:.1f} s",
+                 f"{1000 * row['seconds_per_image']:.0f} ms", f"{row['speedup']:.1f}x"]
         if "fd" in row:
-            cells += [f"{row['fd']:.2f}", f"{row['fd_real_floor']:.2f}", f"{row['class_entropy_bits']:.2f}"]
+            cells += [f"{row['fd']:.2f}", f"{row['fd_real_floor']:.2f}", f"{row['fd_above_floor']:.2f}",
+                      f"{row['vs_ddpm']:.2f}x" if row["vs_ddpm"] != "" else "", f"{row['class_entropy_bits']:.2f}"]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    lines += ["", f"{args.num_samples} images per method, batch {args.batch_size}, {config['dataset']}, on "
-                  f"{machine}, torch {torch.__version__}. FD: utils.metrics (a small classifier's features, not "
-                  f"Inception-FID)."]
+    lines += ["", f"Batch {args.batch_size}, {args.timestep_spacing} timestep spacing, {config['dataset']}, "
+                  f"{config.get('prediction', 'eps')}-prediction, on {machine}, torch {torch.__version__}. FD: "
+                  f"utils.metrics (a small classifier's features, not Inception-FID); the floor is the FD of as many "
+                  f"real training images, so it differs between rows with different image counts."]
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    labels = [f"{row['method']} {row['steps']}" + (f", eta {row['eta']:g}" if len(args.eta) > 1 and row["eta"] != ""
-                                                  else "") for row in rows]
-    figure = torch.stack(columns, dim=1).flatten(0, 1)
-    path = visualize.save_labeled_grid(figure, [str(i) for i in range(len(columns[0]))], labels,
+    labels = [f"{row['method'].split('(')[0]} {row['steps']}" + (f", eta {row['eta']:g}" if len(args.eta) > 1 and
+                                                                 row["method"] == "DDIM" else "") for row in rows]
+    shown = min(len(column) for column in columns)  # DDPM may have drawn fewer images than the rest
+    figure = torch.stack([column[:shown] for column in columns], dim=1).flatten(0, 1)
+    path = visualize.save_labeled_grid(figure, [str(i) for i in range(shown)], labels,
                                        args.out / "compare.png", row_title="starting noise")
     for name in ("compare.csv", "compare.md"):
         print(f"wrote {args.out / name}")

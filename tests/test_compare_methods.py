@@ -18,16 +18,23 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
                            "--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1"])
     out = tmp_path / "compare"
     compare.main(["--checkpoint", str(tmp_path / "l02" / "checkpoint.pt"), "--data-dir", str(data_dir),
-                  "--steps", "5,10", "--eta", "0,1", "--num-samples", "6", "--batch-size", "4", "--device", "cpu", "--out", str(out)])
+                  "--steps", "5,10", "--eta", "0,1", "--num-samples", "6", "--ddpm-samples", "4", "--batch-size", "4",
+                  "--device", "cpu", "--out", str(out)])
     with open(out / "compare.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert [(row["method"], row["steps"], row["eta"]) for row in rows] == [
-        ("DDPM", "1000", ""), ("DDIM", "5", "0.0"), ("DDIM", "10", "0.0"), ("DDIM", "5", "1.0"), ("DDIM", "10", "1.0")]
-    ddpm, *ddim = (float(row["seconds"]) for row in rows)
-    assert max(ddim) < ddpm  # 5 or 10 network calls per batch against 1000
+    assert [(row["method"], row["steps"], row["eta"], row["samples"]) for row in rows] == [
+        ("DDPM", "1000", "", "4"), ("DDIM", "5", "0.0", "6"), ("DDIM", "10", "0.0", "6"), ("DDIM", "5", "1.0", "6"),
+        ("DDIM", "10", "1.0", "6"), ("DPM-Solver++(2M)", "5", "", "6"), ("DPM-Solver++(2M)", "10", "", "6")]
+    ddpm, *fast = (float(row["seconds_per_image"]) for row in rows)
+    assert max(fast) < ddpm  # 5 or 10 network calls per image against 1000
     assert float(rows[1]["speedup"]) > 5
     for row in rows:
         assert float(row["fd"]) >= 0 and float(row["fd_real_floor"]) >= 0 and 0 <= float(row["class_entropy_bits"])
+        assert float(row["fd_above_floor"]) == pytest.approx(float(row["fd"]) - float(row["fd_real_floor"]), abs=0.01)
+        assert float(row["vs_ddpm"]) == pytest.approx(float(row["fd_above_floor"]) / float(rows[0]["fd_above_floor"]),
+                                                      abs=0.01)
+    # The floor is measured at each row's own image count: DDPM's 4 images, the fast samplers' 6.
+    assert rows[0]["fd_real_floor"] != rows[1]["fd_real_floor"] and rows[1]["fd_real_floor"] == rows[2]["fd_real_floor"]
     assert (out / "compare.png").stat().st_size > 0
     assert "| DDIM | 5 | 1.0 |" in (out / "compare.md").read_text()
     assert f"wrote {out / 'compare.png'}" in capsys.readouterr().out
@@ -39,6 +46,8 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
     (["--steps", "ten"], "not a comma-separated list"),
     (["--eta", "0,-1"], "every eta must be a finite number of at least 0"),
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
+    (["--num-samples", "100", "--ddpm-samples", "200"], "--ddpm-samples (200) must be at most --num-samples (100)"),
+    (["--samplers", "ddim,euler"], "samplers are ddim and dpm-solver++"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, compare, capsys):
     assert_refused(compare.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)

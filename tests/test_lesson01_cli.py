@@ -39,7 +39,8 @@ def test_sample_only_writes_samples_from_a_checkpoint(tiny_data_dir, tmp_path):
     trained = tmp_path / "trained"
     assert lesson("--data-dir", tiny_data_dir, "--out", trained, "--max-steps", 5, *TINY).returncode == 0
     out = tmp_path / "sampled"
-    result = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 6, "--out", out)
+    result = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 6,
+                    "--sample-batch-size", 4, "--out", out)  # batches of 4 and 2
     assert result.returncode == 0, result.stderr
     assert np.load(out / "samples.npz")["images"].shape == (6, 28, 28, 1)
     assert not (out / "checkpoint.pt").exists()

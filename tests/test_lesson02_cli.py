@@ -63,7 +63,7 @@ def test_sample_only_uses_the_ema_weights(tiny_data_dir, tmp_path, lesson02):
     lesson02.main(["--data-dir", str(tiny_data_dir), "--out", str(trained), "--max-steps", "4", *TINY])
     out = tmp_path / "sampled"
     result = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 3, "--out", out,
-                    "--variance", "beta", "--no-clip-x0")
+                    "--variance", "beta", "--no-clip-x0", "--sample-batch-size", 2)
     assert result.returncode == 0, result.stderr
     assert np.load(out / "samples.npz")["images"].shape == (3, 28, 28, 1)
     assert not (out / "checkpoint.pt").exists()

@@ -219,3 +219,35 @@ def test_mixed_precision_only_on_cuda(lesson02):
     assert lesson02.mixed_precision("fp32", cpu) is None
     with pytest.raises(lesson02.LessonError, match="needs a CUDA device"):
         lesson02.mixed_precision("bf16", cpu)
+
+
+def test_v_prediction_target_and_sampler_match_salimans_and_ho(lesson02):
+    """--prediction v: the loss's target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022,
+    Section 4), and the sampler reads x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v back. A network that knows
+    x0 and answers with the exact v has zero loss under v and not under eps, and the reverse for exact eps."""
+    schedule = lesson02.make_schedule("cosine", "cpu")
+    alpha_bars = schedule["alpha_bars"]
+    x0 = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def rates(t):
+        alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
+        return alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+
+    def exact_eps(x_t, t):
+        signal_rate, noise_rate = rates(t)
+        return (x_t - signal_rate * x0) / noise_rate
+
+    def exact_v(x_t, t):  # v = a eps - s x0 with eps = (x_t - a x0) / s, a^2 + s^2 = 1
+        signal_rate, noise_rate = rates(t)
+        return (signal_rate * x_t - x0) / noise_rate
+
+    losses = {(target, oracle.__name__): lesson02.loss_fn(oracle, x0, schedule, torch.Generator().manual_seed(1),
+                                                           target).item()
+              for target in ("eps", "v") for oracle in (exact_eps, exact_v)}
+    assert losses["eps", "exact_eps"] < 1e-6 and losses["v", "exact_v"] < 1e-6, losses
+    assert losses["eps", "exact_v"] > 0.1 and losses["v", "exact_eps"] > 0.1, losses
+    constants = lesson02.sampling_constants(schedule, "posterior")
+    for t in (999, 500, 3):
+        x_t = lesson02.add_noise(x0, torch.full((64,), t), torch.randn(x0.shape), schedule)
+        _, x0_pred = lesson02.sample_step(exact_v, x_t, t, constants, None, clip_x0=False, prediction="v")
+        assert torch.allclose(x0_pred, x0, atol=1e-4), t

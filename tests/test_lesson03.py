@@ -128,7 +128,8 @@ def lesson(*args):
 
 def test_end_to_end_writes_every_output_with_labels(small_data_dir, tmp_path):
     out = tmp_path / "out"
-    result = lesson("--data-dir", small_data_dir, "--out", out, "--max-steps", 6, *TINY, "--num-samples", 20)
+    result = lesson("--data-dir", small_data_dir, "--out", out, "--max-steps", 6, *TINY, "--num-samples", 20,
+                    "--sample-batch-size", 8)  # labels carry on across batches of 8, 8 and 4
     assert result.returncode == 0, result.stderr
     for name in ("checkpoint.pt", "samples.png", "samples.npz", "guidance.png", "loss.png", "metrics.csv",
                  "denoising.gif", "denoising.png"):

@@ -93,6 +93,27 @@ def test_ddim_in_latent_space_reaches_the_single_data_point_of_an_exact_model(le
     assert len(kept) == 5
 
 
+def test_latent_ddim_from_T_minus_1_is_unbiased(lesson05):
+    """Lesson 05's own timestep sequence: with the exact denoiser of two equally likely 28x28 "latents" (-1, 0.5),
+    deterministic DDIM must draw each half of the time. The DDIM paper's leading spacing starts at t = 980 for 50
+    steps and treats that x_t as pure noise: it picks the low latent about 42% of the time (15% at 10 steps)."""
+    from utils.visualize import ideal_x0
+    alpha_bars = lesson05.make_alpha_bars("cpu")
+    constants = alpha_bars.tolist()
+    reference = torch.stack([torch.full((1, 28, 28), -1.0), torch.full((1, 28, 28), 0.5)])  # as lesson 04's test
+
+    def model(z_t, t):
+        alpha_bar = constants[int(t[0])]
+        return (z_t - alpha_bar ** 0.5 * ideal_x0(z_t, alpha_bar, reference)) / (1 - alpha_bar) ** 0.5
+
+    z_T = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert lesson05.timestep_sequence(50)[-1] == 999 and lesson05.timestep_sequence(50, "leading")[-1] == 980
+    for steps in (10, 50):
+        low = {spacing: (lesson05.ddim_sample(model, alpha_bars, z_T, steps, spacing=spacing)[0].flatten(1).mean(1)
+                         < -0.25).float().mean().item() for spacing in ("trailing", "leading")}
+        assert abs(low["trailing"] - 0.5) < 0.035 and low["leading"] < 0.45, (steps, low)
+
+
 @pytest.fixture
 def lesson(lesson05, capsys):
     """Run lesson 05's command line in this process (as `python 05_latent_diffusion.py ARGS` would, errors

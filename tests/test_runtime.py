@@ -165,3 +165,17 @@ def test_metrics_log_appends_on_resume(tmp_path):
     log.close()
     assert path.read_text().splitlines() == ["step,loss,lr,images_per_s", "1,0.500000,1.000e-03,100.0",
                                              "2,0.400000,1.000e-03,100.0"]
+
+
+def test_in_batches_covers_every_item_once_and_keeps_the_first_batchs_extra():
+    from utils.runtime import in_batches
+    calls = []
+
+    def draw(start, count):
+        calls.append((start, count))
+        return torch.arange(start, start + count).view(count, 1), f"extra of {start}"
+
+    images, extra = in_batches(10, 4, draw)
+    assert calls == [(0, 4), (4, 4), (8, 2)]
+    assert images.flatten().tolist() == list(range(10)) and extra == "extra of 0"
+    assert in_batches(3, 64, draw)[0].flatten().tolist() == [0, 1, 2]
