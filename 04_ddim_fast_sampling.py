@@ -45,6 +45,7 @@ COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesso
 ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's checkpoints
 EMA_WARMUP = 10
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic")  # diffusers' names, and DDIM's quadratic
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)"}  # --sampler -> the name shown
 STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
 INVERSION_STEPS = (10, 20, 50, 100, 200)  # step counts of inversion_error.png
@@ -78,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=positive_int, default=50, help=f"network calls of the sampler, at most T = {T}")
     parser.add_argument("--eta", type=non_negative_float, default=0.0,
                         help="noise of each DDIM step (Eq. 16): 0 deterministic, 1 DDPM-like (README, 'Lesson 04')")
-    parser.add_argument("--sampler", choices=["ddim", "dpm-solver++"], default="ddim",
+    parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim",
                         help="ddim: Eq. 12 with --eta; dpm-solver++: DPM-Solver++(2M), deterministic and second "
                              "order, good in 10-20 steps (Lu et al. 2022)")
     parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default="trailing",
@@ -433,9 +434,9 @@ def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing="trai
     constants = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
     x_t, kept, previous = x_T, [], None
     every = max(1, steps // keep) if keep else 0
-    name = "DDIM" if sampler == "ddim" else "DPM-Solver++(2M)"
     pairs = timestep_pairs(steps, spacing)
-    for index, (t, t_prev) in enumerate(tqdm(pairs, desc=f"{name} {steps} steps", leave=False)):
+    progress = tqdm(pairs, desc=f"{SAMPLER_NAMES[sampler]} {steps} steps", leave=False)
+    for index, (t, t_prev) in enumerate(progress):
         alpha_bar_t, alpha_bar_prev = constants[t], constants[t_prev] if t_prev >= 0 else 1.0
         eps_pred, x0_pred = predict_eps_and_x0(model, x_t, t, alpha_bar_t, prediction, clip_x0)
         if sampler == "ddim":
@@ -530,9 +531,6 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
 
 
 # --- main ---
-
-SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)"}
-
 
 def sampler_for(model, alpha_bars, config, args):
     """sample() with this run's network, schedule, timestep spacing, prediction target and clipping fixed."""

@@ -58,7 +58,7 @@ def step_counts(text):
 def sampler_names(text):
     """argparse type: 'ddim,dpm-solver++' -> ('ddim', 'dpm-solver++'), each one of lesson 04's samplers."""
     names = tuple(part.strip() for part in text.split(","))
-    unknown = [name for name in names if name not in ("ddim", "dpm-solver++")]
+    unknown = [name for name in names if name not in lesson04.SAMPLER_NAMES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"samplers are ddim and dpm-solver++, got {text!r}")
     return names
@@ -111,27 +111,27 @@ def synchronize(device):
 
 
 @torch.inference_mode()
-def draw(method, steps, eta, model, config, noises, args, device):
-    """All of `noises` [N, C, H, W] sampled in batches: (images on the CPU, seconds)."""
+def draw(sampler, steps, eta, model, config, noises, args, device):
+    """All of `noises` [N, C, H, W] sampled in batches by "ddpm" or one of lesson 04's samplers:
+    (images on the CPU, seconds)."""
     prediction = config.get("prediction", "eps")
     schedule = lesson02.make_schedule(config["schedule"], device)
     alpha_bars = lesson04.make_alpha_bars(config["schedule"], device)
+    constants = lesson02.sampling_constants(schedule, "posterior")  # lesson 02's defaults: the posterior variance
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # the noise added along the way
     images = []
     synchronize(device)
     started = time.perf_counter()
-    for batch in tqdm(noises.split(args.batch_size), desc=f"{method} {steps}", unit="batch", leave=False):
+    for batch in tqdm(noises.split(args.batch_size), desc=f"{sampler} {steps}", unit="batch", leave=False):
         batch = batch.to(device)
-        if method == "DDPM":
-            # Lesson 02's sampler draws x_T itself; replay it through its steps instead, from this x_T.
-            # Lesson 02's defaults: the posterior variance, x0 clipped (as DDIM clips it here).
-            constants = lesson02.sampling_constants(schedule, "posterior")
+        if sampler == "ddpm":
+            # Lesson 02's sampler draws x_T itself; replay it through its steps instead, from this x_T,
+            # with x0 clipped (as lesson 04's samplers clip it here).
             x_t = batch
             for t in range(lesson02.T - 1, -1, -1):
                 x_t, _ = lesson02.sample_step(model, x_t, t, constants, generator, True, prediction)
             images.append(x_t.clamp(-1, 1).cpu())
         else:
-            sampler = "ddim" if method == "DDIM" else "dpm-solver++"
             images.append(lesson04.sample(model, alpha_bars, batch, steps, sampler, eta or 0.0, args.timestep_spacing,
                                           prediction, generator=generator)[0].cpu())
     synchronize(device)
@@ -139,12 +139,12 @@ def draw(method, steps, eta, model, config, noises, args, device):
 
 
 def method_list(args):
-    """(name, steps, eta, images) of every row: DDPM-1000 first, then each fast sampler at each step count."""
-    methods = [("DDPM", lesson02.T, "", args.ddpm_samples)]
+    """(sampler, steps, eta, images) of every row: DDPM-1000 first, then each fast sampler at each step count."""
+    methods = [("ddpm", lesson02.T, "", args.ddpm_samples)]
     if "ddim" in args.samplers:
-        methods += [("DDIM", steps, eta, args.num_samples) for eta in args.eta for steps in args.steps]
+        methods += [("ddim", steps, eta, args.num_samples) for eta in args.eta for steps in args.steps]
     if "dpm-solver++" in args.samplers:
-        methods += [("DPM-Solver++(2M)", steps, "", args.num_samples) for steps in args.steps]
+        methods += [("dpm-solver++", steps, "", args.num_samples) for steps in args.steps]
     return methods
 
 
@@ -159,10 +159,10 @@ def main(argv=None):
     shape = (args.num_samples, config["channels"], config["image_size"], config["image_size"])
     noises = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     rows, columns = [], []
-    for method, steps, eta, count in method_list(args):
-        images, seconds = draw(method, steps, eta, model, config, noises[:count], args, device)
-        row = {"method": method, "steps": steps, "eta": eta, "samples": count, "seconds": round(seconds, 2),
-               "seconds_per_image": round(seconds / count, 4)}
+    for sampler, steps, eta, count in method_list(args):
+        images, seconds = draw(sampler, steps, eta, model, config, noises[:count], args, device)
+        row = {"method": lesson04.SAMPLER_NAMES.get(sampler, "DDPM"), "steps": steps, "eta": eta, "samples": count,
+               "seconds": round(seconds, 2), "seconds_per_image": round(seconds / count, 4)}
         row["speedup"] = round(rows[0]["seconds_per_image"] / row["seconds_per_image"], 1) if rows else 1.0
         if not args.no_metrics:
             scores = metrics.evaluate(images, config["dataset"], data_dir=args.data_dir, device=device)
