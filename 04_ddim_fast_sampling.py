@@ -22,7 +22,6 @@ count), denoising.gif, denoising.png; when it trains, also checkpoint.pt, loss.p
 """
 import argparse
 import copy
-import functools
 import math
 import time
 
@@ -44,8 +43,9 @@ BETA_START, BETA_END = 1e-4, 0.02  # DDPM's linear schedule (lesson 02)
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
 ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's checkpoints
 EMA_WARMUP = 10
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic")  # diffusers' names, and DDIM's quadratic
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # diffusers' names, DDIM's, DPM-Solver's
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)"}  # --sampler -> the name shown
+DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr"}  # each sampler's best, measured (README, "Lesson 04")
 STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
 INVERSION_STEPS = (10, 20, 50, 100, 200)  # step counts of inversion_error.png
@@ -82,11 +82,15 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim",
                         help="ddim: Eq. 12 with --eta; dpm-solver++: DPM-Solver++(2M), deterministic and second "
                              "order, good in 10-20 steps (Lu et al. 2022)")
-    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default="trailing",
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
                         help="which timesteps the steps visit, named as in diffusers: trailing starts at T - 1 "
-                             "(Lin et al. 2024); leading is the DDIM paper's floor(c i); quadratic its Appendix D.2")
-    parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
-                        help="clip the predicted x0 to [-1, 1] in each step")
+                             "(Lin et al. 2024); leading is the DDIM paper's floor(c i); quadratic its Appendix D.2; "
+                             "logsnr equal steps in log-SNR (DPM-Solver). Default: trailing for ddim, logsnr for "
+                             "dpm-solver++ (measured: README, 'Lesson 04')")
+    parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip the predicted x0 to [-1, 1] in each step. Default: on for eps-prediction "
+                             "checkpoints (x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) blows up near "
+                             "t = T), off for v-prediction (nothing to blow up; clipping only bends the path)")
     parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
                         help="training images (default: the checkpoint's, else mnist or another one found here)")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
@@ -331,30 +335,52 @@ def loss_fn(model, x0, alpha_bars, generator, prediction="eps"):
 
 # --- samplers: DDIM and DPM-Solver++(2M) ---
 
-def timestep_sequence(steps, spacing="trailing"):
-    """The timesteps tau_1 < ... < tau_S the sampler visits, an increasing list of 0-based t; sampling walks
-    it from the end and its last step lands on the clean image. Names as diffusers' timestep_spacing:
+def log_snr(alpha_bar):
+    """lambda = log(alpha / sigma) = 0.5 log(alpha_bar / (1 - alpha_bar)), DPM-Solver's time variable."""
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+def timestep_sequence(steps, spacing="trailing", alpha_bars=None):
+    """The timesteps tau_1 < ... < tau_S the sampler visits, an increasing list of `steps` distinct 0-based t;
+    sampling walks it from the end and its last step lands on the clean image. Names as diffusers' timestep_spacing:
       trailing  T-1, T-1-T/S, ...: the first step starts from the last training timestep, where x_T is noise
                 (Lin et al. 2024, arXiv:2305.08891, Section 3.4);
       leading   0, T//S, 2T//S, ... (DDIM Section 4.2, floor(c i)): starts at T - T/S, where on the cosine
                 schedule x_t still holds signal (alpha_bar = 0.00088 at t = 980), yet x_T is drawn as pure noise;
       linspace  round(i (T-1) / (S-1)), from 0 to T-1;
-      quadratic floor(c i^2) (DDIM Appendix D.2), dense at small t; here c makes the last step T-1."""
+    and two more:
+      quadratic floor(c i^2) (DDIM Appendix D.2), dense at small t; here c makes the last step T-1;
+      logsnr    equal steps in lambda = log_snr(alpha_bar) from t = T-1 towards t = 0 (DPM-Solver's "logSNR"
+                time steps, Lu et al. 2022, arXiv:2206.00927; diffusers' use_lu_lambdas); needs `alpha_bars` [T].
+    Raises ValueError for an unknown spacing, or logsnr without alpha_bars."""
     if spacing == "trailing":
         return [round(T - k * T / steps) - 1 for k in range(steps)][::-1]
     if spacing == "leading":
         return [i * (T // steps) for i in range(steps)]
     if spacing == "linspace":
         return [round(i * (T - 1) / max(1, steps - 1)) for i in range(steps)]
-    taus = [int((T - 1) * i * i / max(1, steps - 1) ** 2) for i in range(steps)]
-    for i in range(1, steps):  # at small i, floor(c i^2) repeats: keep the steps distinct
+    if spacing == "quadratic":
+        taus = [int((T - 1) * i * i / (steps - 1) ** 2) for i in range(steps)] if steps > 1 else [T - 1]
+    elif spacing == "logsnr":
+        if alpha_bars is None:
+            raise ValueError("the logsnr timestep spacing needs the schedule's alpha_bars")
+        lambdas = torch.tensor([log_snr(a) for a in alpha_bars.tolist()], dtype=torch.float64)  # falls as t grows
+        targets = torch.tensor([lambdas[T - 1] + (lambdas[0] - lambdas[T - 1]) * k / steps for k in range(steps)],
+                               dtype=torch.float64)  # k = 0 is t = T-1; the clean image (beyond t = 0) is the end
+        taus = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()[::-1]  # nearest t to each
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {', '.join(TIMESTEP_SPACINGS)}")
+    for i in range(1, steps):  # where neighbours round to the same t, keep the steps distinct ...
         taus[i] = max(taus[i], taus[i - 1] + 1)
+    taus[-1] = min(taus[-1], T - 1)
+    for i in range(steps - 2, -1, -1):  # ... and below T
+        taus[i] = min(taus[i], taus[i + 1] - 1)
     return taus
 
 
-def timestep_pairs(steps, spacing="trailing"):
+def timestep_pairs(steps, spacing="trailing", alpha_bars=None):
     """The steps of a sampler as (t, t_prev) pairs from T-1 down; t_prev = -1 means the clean image."""
-    taus = timestep_sequence(steps, spacing)
+    taus = timestep_sequence(steps, spacing, alpha_bars)
     return list(zip(taus[::-1], [*taus[-2::-1], -1]))
 
 
@@ -399,11 +425,6 @@ def ddim_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev, eta, generato
     return x_prev
 
 
-def log_snr(alpha_bar):
-    """lambda = log(alpha / sigma) = 0.5 log(alpha_bar / (1 - alpha_bar)), DPM-Solver's time variable."""
-    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
-
-
 def dpm_solver_step(x_t, x0_pred, alpha_bar_t, alpha_bar_prev, previous):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2) from t to t_prev < t: x_t [N, C, H, W]
     -> (x_prev, state for the next step). `previous` is the last step's (x0_pred, h), or None on the first step.
@@ -426,15 +447,28 @@ def dpm_solver_step(x_t, x0_pred, alpha_bar_t, alpha_bar_prev, previous):
     return x_prev, (x0_pred, h)
 
 
+def spacing_for(sampler, chosen=None):
+    """The timestep spacing a sampler uses: the one chosen, else its default (DEFAULT_SPACING)."""
+    return chosen or DEFAULT_SPACING[sampler]
+
+
+def clip_for(prediction, chosen=None):
+    """Whether to clip x0_pred: as chosen, else only for eps-prediction (see --clip-x0)."""
+    return prediction == "eps" if chosen is None else chosen
+
+
 @torch.inference_mode()
-def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing="trailing", prediction="eps",
-           clip_x0=True, generator=None, keep=0):
-    """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` network calls, with DDIM (any eta) or
-    DPM-Solver++(2M) (deterministic); also about `keep` snapshots along the way, as (timestep, x_t) pairs."""
+def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing=None, prediction="eps",
+           clip_x0=None, generator=None, keep=0):
+    """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` network calls (1..T), with DDIM (DDIM Eq. 12,
+    any eta >= 0) or DPM-Solver++(2M) (deterministic; eta is ignored); also about `keep` snapshots along the
+    way, as (timestep, x_t) pairs. alpha_bars [T] is the training schedule; spacing defaults to the sampler's
+    DEFAULT_SPACING, clip_x0 to clip_for(prediction). Raises ValueError for an unknown spacing."""
+    spacing, clip_x0 = spacing_for(sampler, spacing), clip_for(prediction, clip_x0)
     constants = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
     x_t, kept, previous = x_T, [], None
     every = max(1, steps // keep) if keep else 0
-    pairs = timestep_pairs(steps, spacing)
+    pairs = timestep_pairs(steps, spacing, alpha_bars)
     progress = tqdm(pairs, desc=f"{SAMPLER_NAMES[sampler]} {steps} steps", leave=False)
     for index, (t, t_prev) in enumerate(progress):
         alpha_bar_t, alpha_bar_prev = constants[t], constants[t_prev] if t_prev >= 0 else 1.0
@@ -456,7 +490,7 @@ def ddim_invert(model, alpha_bars, x0, steps, spacing="trailing", prediction="ep
     between neighbouring steps: each step uses the prediction at its lower end, where the sampler used the upper."""
     constants = alpha_bars.tolist()
     x_t = x0
-    for t_next, t in reversed(timestep_pairs(steps, spacing)):  # (t, t_next) upwards: (-1, tau_1), (tau_1, tau_2) ...
+    for t_next, t in reversed(timestep_pairs(steps, spacing, alpha_bars)):  # (t, t_next) upwards: (-1, tau_1), (tau_1, tau_2) ...
         alpha_bar_next = constants[t_next]
         if t < 0:
             # From the clean image, as the sampler's last step reached it: x0 is known, and eps is asked of the
@@ -533,9 +567,14 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
 # --- main ---
 
 def sampler_for(model, alpha_bars, config, args):
-    """sample() with this run's network, schedule, timestep spacing, prediction target and clipping fixed."""
-    return functools.partial(sample, model, alpha_bars, sampler=args.sampler, spacing=args.timestep_spacing,
-                             prediction=config.get("prediction", "eps"), clip_x0=args.clip_x0)
+    """sample() with this run's network, schedule, prediction target and clipping fixed; the timestep spacing
+    is --timestep-spacing or the default of the sampler asked for."""
+    prediction = config.get("prediction", "eps")
+
+    def draw(x_T, steps, sampler=args.sampler, **options):
+        return sample(model, alpha_bars, x_T, steps, sampler, spacing=spacing_for(sampler, args.timestep_spacing),
+                      prediction=prediction, clip_x0=clip_for(prediction, args.clip_x0), **options)
+    return draw
 
 
 def write_figures(model, alpha_bars, config, args, device, images):
@@ -550,7 +589,8 @@ def write_figures(model, alpha_bars, config, args, device, images):
     first_batch = min(args.num_samples, args.sample_batch_size)  # the snapshots in `kept` are of the first batch
     eta = f", eta = {args.eta:g}" if args.sampler == "ddim" else ""
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s "
-          f"({args.steps} {SAMPLER_NAMES[args.sampler]} steps{eta}, {args.timestep_spacing} spacing)")
+          f"({args.steps} {SAMPLER_NAMES[args.sampler]} steps{eta}, {spacing_for(args.sampler, args.timestep_spacing)} "
+          f"spacing, x0 {'' if clip_for(config.get('prediction', 'eps'), args.clip_x0) else 'not '}clipped)")
     paths = [visualize.save_grid(samples, args.out / "samples.png"),
              visualize.save_samples_npz(samples, args.out / "samples.npz"),
              visualize.save_denoising_gif([x_T[:first_batch].clamp(-1, 1).cpu(), *[x for _, x in kept]],
@@ -571,7 +611,8 @@ def write_figures(model, alpha_bars, config, args, device, images):
     originals = images[:INVERSION_IMAGES].to(device)
     errors = {}
     for steps in sorted({args.steps, *INVERSION_STEPS}):
-        noise = ddim_invert(model, alpha_bars, originals, steps, args.timestep_spacing, config.get("prediction", "eps"))
+        noise = ddim_invert(model, alpha_bars, originals, steps, spacing_for("ddim", args.timestep_spacing),
+                            config.get("prediction", "eps"))
         reconstructions, _ = draw(noise, steps, sampler="ddim", eta=0.0)
         errors[steps] = (reconstructions - originals).pow(2).mean().sqrt().item()
         print(f"inversion with {steps} steps: reconstruction RMS error {errors[steps]:.4f} (images span [-1, 1])")

@@ -84,8 +84,12 @@ def parse_args(argv=None):
     parser.add_argument("--eta", type=eta_values, default=(0.0,),
                         help="DDIM's eta (Eq. 16), or several: '0,0.5,1' gives a row per step count and eta "
                              "(the DDIM paper's Table 1 uses 0, 0.2, 0.5, 1)")
-    parser.add_argument("--timestep-spacing", choices=lesson04.TIMESTEP_SPACINGS, default="trailing",
-                        help="timesteps of the fast samplers (diffusers' names; lesson 04)")
+    parser.add_argument("--timestep-spacing", choices=lesson04.TIMESTEP_SPACINGS, default=None,
+                        help="timesteps of the fast samplers (diffusers' names; lesson 04); default: each sampler's "
+                             "own (trailing for ddim, logsnr for dpm-solver++)")
+    parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip the fast samplers' predicted x0 to [-1, 1]; default as lesson 04: on for eps-, off "
+                             "for v-prediction (DDPM-1000 always clips, as lesson 02 does)")
     parser.add_argument("--num-samples", type=positive_int, default=1000,
                         help="images per fast sampler (FD ranks methods from about 1000)")
     parser.add_argument("--ddpm-samples", type=positive_int, default=256,
@@ -133,7 +137,7 @@ def draw(sampler, steps, eta, model, config, noises, args, device):
             images.append(x_t.clamp(-1, 1).cpu())
         else:
             images.append(lesson04.sample(model, alpha_bars, batch, steps, sampler, eta or 0.0, args.timestep_spacing,
-                                          prediction, generator=generator)[0].cpu())
+                                          prediction, args.clip_x0, generator=generator)[0].cpu())
     synchronize(device)
     return torch.cat(images), time.perf_counter() - started
 
@@ -161,7 +165,9 @@ def main(argv=None):
     rows, columns = [], []
     for sampler, steps, eta, count in method_list(args):
         images, seconds = draw(sampler, steps, eta, model, config, noises[:count], args, device)
-        row = {"method": lesson04.SAMPLER_NAMES.get(sampler, "DDPM"), "steps": steps, "eta": eta, "samples": count,
+        spacing = "" if sampler == "ddpm" else lesson04.spacing_for(sampler, args.timestep_spacing)
+        row = {"method": lesson04.SAMPLER_NAMES.get(sampler, "DDPM"), "steps": steps, "eta": eta, "spacing": spacing,
+               "samples": count,
                "seconds": round(seconds, 2), "seconds_per_image": round(seconds / count, 4)}
         row["speedup"] = round(rows[0]["seconds_per_image"] / row["seconds_per_image"], 1) if rows else 1.0
         if not args.no_metrics:
@@ -183,20 +189,22 @@ def write_outputs(rows, columns, args, config, device):
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    headers = ["method", "steps", "eta", "images", "wall time", "per image", "speed-up"]
+    headers = ["method", "steps", "eta", "timestep spacing", "images", "wall time", "per image", "speed-up"]
     if "fd" in rows[0]:
         headers += ["FD", "floor", "FD - floor", "vs DDPM-1000", "class entropy, bits"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        cells = [row["method"], row["steps"], row["eta"], row["samples"], f"{row['seconds']:.1f} s",
+        cells = [row["method"], row["steps"], row["eta"], row["spacing"], row["samples"], f"{row['seconds']:.1f} s",
                  f"{1000 * row['seconds_per_image']:.0f} ms", f"{row['speedup']:.1f}x"]
         if "fd" in row:
             cells += [f"{row['fd']:.2f}", f"{row['fd_real_floor']:.2f}", f"{row['fd_above_floor']:.2f}",
                       f"{row['vs_ddpm']:.2f}x" if row["vs_ddpm"] != "" else "", f"{row['class_entropy_bits']:.2f}"]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    lines += ["", f"Batch {args.batch_size}, {args.timestep_spacing} timestep spacing, {config['dataset']}, "
-                  f"{config.get('prediction', 'eps')}-prediction, on {machine}, torch {torch.__version__}. FD: "
+    prediction = config.get("prediction", "eps")
+    clipped = "clipped" if lesson04.clip_for(prediction, args.clip_x0) else "not clipped"
+    lines += ["", f"Batch {args.batch_size}, {config['dataset']}, {prediction}-prediction, the fast samplers' x0 "
+                  f"{clipped} (DDPM's clipped), on {machine}, torch {torch.__version__}. FD: "
                   f"utils.metrics (a small classifier's features, not Inception-FID); the floor is the FD of as many "
                   f"real training images, so it differs between rows with different image counts."]
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")

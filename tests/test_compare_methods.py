@@ -22,9 +22,10 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
                   "--device", "cpu", "--out", str(out)])
     with open(out / "compare.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert [(row["method"], row["steps"], row["eta"], row["samples"]) for row in rows] == [
-        ("DDPM", "1000", "", "4"), ("DDIM", "5", "0.0", "6"), ("DDIM", "10", "0.0", "6"), ("DDIM", "5", "1.0", "6"),
-        ("DDIM", "10", "1.0", "6"), ("DPM-Solver++(2M)", "5", "", "6"), ("DPM-Solver++(2M)", "10", "", "6")]
+    assert [(row["method"], row["steps"], row["eta"], row["spacing"], row["samples"]) for row in rows] == [
+        ("DDPM", "1000", "", "", "4"), ("DDIM", "5", "0.0", "trailing", "6"), ("DDIM", "10", "0.0", "trailing", "6"),
+        ("DDIM", "5", "1.0", "trailing", "6"), ("DDIM", "10", "1.0", "trailing", "6"),
+        ("DPM-Solver++(2M)", "5", "", "logsnr", "6"), ("DPM-Solver++(2M)", "10", "", "logsnr", "6")]
     ddpm, *fast = (float(row["seconds_per_image"]) for row in rows)
     assert max(fast) < ddpm  # 5 or 10 network calls per image against 1000
     assert float(rows[1]["speedup"]) > 5
@@ -36,7 +37,8 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
     # The floor is measured at each row's own image count: DDPM's 4 images, the fast samplers' 6.
     assert rows[0]["fd_real_floor"] != rows[1]["fd_real_floor"] and rows[1]["fd_real_floor"] == rows[2]["fd_real_floor"]
     assert (out / "compare.png").stat().st_size > 0
-    assert "| DDIM | 5 | 1.0 |" in (out / "compare.md").read_text()
+    assert "| DDIM | 5 | 1.0 | trailing |" in (out / "compare.md").read_text()
+    assert "v-prediction, the fast samplers' x0 not clipped" in (out / "compare.md").read_text()  # lesson 02's default
     assert f"wrote {out / 'compare.png'}" in capsys.readouterr().out
     assert (tmp_path / "outputs" / "metrics" / "classifier-mnist.pt").is_file()
 

@@ -19,16 +19,19 @@ def lesson02():
     return load_lesson("02_ddpm.py")
 
 
-@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "quadratic"])
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "quadratic", "logsnr"])
 @pytest.mark.parametrize("steps", [1, 3, 10, 50, 333, 1000])
 def test_timestep_sequences_are_valid(lesson04, spacing, steps):
-    taus = lesson04.timestep_sequence(steps, spacing)
+    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    taus = lesson04.timestep_sequence(steps, spacing, alpha_bars)
     assert len(taus) == steps and 0 <= taus[0]
     assert all(a < b for a, b in zip(taus, taus[1:]))  # increasing and distinct (walked backwards)
     assert taus[-1] <= 999
     if steps == 1000:
         assert taus == list(range(1000))
-    pairs = lesson04.timestep_pairs(steps, spacing)
+    if spacing in ("trailing", "quadratic", "logsnr"):
+        assert taus[-1] == 999  # the first step starts from pure noise
+    pairs = lesson04.timestep_pairs(steps, spacing, alpha_bars)
     assert pairs[0][0] == taus[-1] and pairs[-1] == (taus[0], -1)  # from the top down to the clean image
     assert all(t_prev == t_next for (_, t_prev), (t_next, _) in zip(pairs, pairs[1:]))
 
@@ -43,6 +46,52 @@ def test_timestep_spacings_match_diffusers_definitions(lesson04):
         assert lesson04.timestep_sequence(steps, "linspace") == np.linspace(0, 999, steps).round().astype(int).tolist()
     assert lesson04.timestep_sequence(50, "trailing")[-1] == 999
     assert lesson04.timestep_sequence(50, "leading")[-1] == 980
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_logsnr_spacing_takes_equal_steps_in_log_snr(lesson04, schedule):
+    """logsnr: the t nearest to each of S equally spaced lambda = 0.5 log(alpha_bar / (1 - alpha_bar)), from
+    lambda at t = T - 1 up to (not including) lambda at t = 0, computed here independently in numpy (float64)."""
+    alpha_bars = lesson04.make_alpha_bars(schedule, "cpu")
+    lambdas = 0.5 * np.log(alpha_bars.double().numpy() / (1 - alpha_bars.double().numpy()))
+    checked = 0
+    for steps in (3, 5, 8, 10):
+        targets = lambdas[-1] + (lambdas[0] - lambdas[-1]) * np.arange(steps) / steps
+        expected = sorted(np.abs(lambdas[None, :] - targets[:, None]).argmin(axis=1).tolist())
+        if len(set(expected)) == steps:  # where two targets round to one t the lesson moves one of them
+            assert lesson04.timestep_sequence(steps, "logsnr", alpha_bars) == expected, (schedule, steps)
+            checked += 1
+    assert checked >= 2
+    with pytest.raises(ValueError, match="alpha_bars"):
+        lesson04.timestep_sequence(10, "logsnr")
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
+        lesson04.timestep_sequence(10, "uniform", alpha_bars)
+
+
+def test_each_sampler_has_its_measured_default_spacing_and_clipping(lesson04):
+    """sample() without spacing uses DEFAULT_SPACING (trailing for DDIM, logsnr for DPM-Solver++), and clips x0
+    only for eps-prediction unless told otherwise."""
+    assert lesson04.DEFAULT_SPACING == {"ddim": "trailing", "dpm-solver++": "logsnr"}
+    assert lesson04.clip_for("eps") and not lesson04.clip_for("v")
+    assert not lesson04.clip_for("eps", False) and lesson04.clip_for("v", True)
+    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    eps_model = gaussian_denoiser(alpha_bars, 1.2, 0.5)  # exact, for pixels N(1.2, 0.5^2): clipping shows
+
+    def v_model(x_t, t):  # the same denoiser answering v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0
+        alpha_bar, eps = alpha_bars[int(t[0])].item(), eps_model(x_t, t)
+        x0 = (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+        return alpha_bar ** 0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
+
+    for sampler in ("ddim", "dpm-solver++"):
+        default, _ = lesson04.sample(v_model, alpha_bars, x_T, 10, sampler, prediction="v")
+        for spacing in lesson04.TIMESTEP_SPACINGS:
+            chosen, _ = lesson04.sample(v_model, alpha_bars, x_T, 10, sampler, spacing=spacing, prediction="v",
+                                        clip_x0=False)
+            assert torch.equal(default, chosen) == (spacing == lesson04.DEFAULT_SPACING[sampler]), (sampler, spacing)
+    clipped, _ = lesson04.sample(v_model, alpha_bars, x_T, 10, prediction="v", clip_x0=True)
+    assert not torch.equal(default, clipped)
 
 
 def two_image_denoiser(alpha_bars):
@@ -61,16 +110,17 @@ def two_image_denoiser(alpha_bars):
 def test_deterministic_sampling_from_T_minus_1_is_unbiased(lesson04, sampler):
     """With the exact denoiser of two equally likely images, half of the samples must be the dark one, at any step
     count. Starting below T - 1 ("leading", the DDIM paper's floor(c i)) treats x_t at t = 980 as if it were pure
-    noise and picks the dark image 42% of the time at 50 steps, 15% at 10 (measured); trailing gives 50.6%."""
+    noise and picks the dark image 42% of the time at 50 steps, 15% at 10 (measured); trailing gives 50.6%, and so
+    must logsnr, which also starts at T - 1."""
     alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
     model = two_image_denoiser(alpha_bars)
     x_T = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     for steps in (10, 50):
         dark = {}
-        for spacing in ("trailing", "leading"):
+        for spacing in ("trailing", "logsnr", "leading"):
             images, _ = lesson04.sample(model, alpha_bars, x_T, steps, sampler=sampler, spacing=spacing)
             dark[spacing] = (images.flatten(1).mean(1) < -0.25).float().mean().item()
-        assert abs(dark["trailing"] - 0.5) < 0.035, (steps, dark)  # 3 standard errors of 2000 draws
+        assert abs(dark["trailing"] - 0.5) < 0.035 and abs(dark["logsnr"] - 0.5) < 0.035, (steps, dark)  # 3 s.e.
         assert dark["leading"] < 0.45, (steps, dark)
 
 
@@ -149,12 +199,14 @@ def test_dpm_solver_converges_to_the_exact_ode_solution_faster_than_ddim(lesson0
     x_T = torch.randn(500, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     alpha_bar_T = alpha_bars[-1].item()
     exact = (mean + std * (x_T - alpha_bar_T ** 0.5 * mean) / (alpha_bar_T * std ** 2 + 1 - alpha_bar_T) ** 0.5)
-    errors = {(sampler, steps): (lesson04.sample(model, alpha_bars, x_T, steps, sampler=sampler, clip_x0=False)[0]
-                                 - exact.clamp(-1, 1)).abs().max().item()
-              for sampler in ("ddim", "dpm-solver++") for steps in (10, 20, 100)}
-    assert 1.6 < errors["ddim", 10] / errors["ddim", 20] < 2.5, errors  # first order
-    assert errors["dpm-solver++", 10] / errors["dpm-solver++", 20] > 4, errors  # second order or better
-    assert errors["dpm-solver++", 20] < 0.01 < errors["ddim", 100], errors
+    errors = {(sampler, steps, spacing): (lesson04.sample(model, alpha_bars, x_T, steps, sampler=sampler,
+                                                          spacing=spacing, clip_x0=False)[0]
+                                          - exact.clamp(-1, 1)).abs().max().item()
+              for sampler in ("ddim", "dpm-solver++") for steps in (10, 20, 100) for spacing in ("trailing", "logsnr")}
+    assert 1.6 < errors["ddim", 10, "trailing"] / errors["ddim", 20, "trailing"] < 2.5, errors  # first order
+    assert errors["dpm-solver++", 10, "trailing"] / errors["dpm-solver++", 20, "trailing"] > 4, errors  # second
+    assert errors["dpm-solver++", 20, "trailing"] < 0.01 < errors["ddim", 100, "trailing"], errors
+    assert errors["dpm-solver++", 100, "logsnr"] < 0.01, errors  # the default spacing converges to the same
 
 
 def test_dpm_solver_first_step_is_the_ddim_step(lesson04):
