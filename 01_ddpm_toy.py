@@ -27,16 +27,15 @@ from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
     last_good, load_checkpoint, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
-    writable_dir,
+    saved_timesteps, writable_dir,
 )
 
 LESSON = "01_ddpm_toy"
-T = 1000  # number of diffusion steps, as in the paper
-BETA_START, BETA_END = 1e-4, 0.02  # DDPM Section 4: linear betas from 1e-4 to 0.02
+T = 1000  # number of diffusion steps, as in the paper (the default of --timesteps)
+BETA_START, BETA_END = 1e-4, 0.02  # DDPM Section 4: linear betas from 1e-4 to 0.02 (for T = 1000)
 LOG_EVERY = 50  # steps between rows of metrics.csv
 WARMUP_FRACTION = 0.05  # share of training spent ramping the learning rate up from 0
 GIF_FRAMES = 40  # snapshots of the reverse process kept for denoising.gif
-STRIP_STEPS = (999, 800, 600, 400, 300, 200, 100, 50, 0)  # timesteps shown in denoising.png
 ARCHITECTURE_KEYS = ("width", "channels", "image_size")
 
 
@@ -55,6 +54,9 @@ def parse_args(argv=None):
                         help="peak Adam learning rate, warm-up then cosine decay (paper: 2e-4 constant)")
     parser.add_argument("--width", type=positive_int, default=16,
                         help="U-Net channels at full resolution, doubled at each downsampling (paper: 128)")
+    parser.add_argument("--timesteps", type=positive_int, default=None,
+                        help=f"diffusion steps T (default {T}, as in the paper; try 500 or 2000); the betas are "
+                             f"scaled by 1000 / T. A checkpoint keeps its own T")
     parser.add_argument("--seed", type=int, default=0, help="random seed for data order, noise and sampling")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
@@ -69,17 +71,23 @@ def parse_args(argv=None):
         parser.error("--resume and --sample-only cannot be used together")
     if args.width % 8:
         parser.error(f"--width must be a multiple of 8 (GroupNorm uses 8 groups), got {args.width}")
+    if args.timesteps is not None and BETA_END * 1000 / args.timesteps >= 1:
+        parser.error(f"--timesteps must be more than {round(BETA_END * 1000)}: the last beta, 0.02 x 1000 / T, "
+                     f"must stay below 1; got {args.timesteps}")
     return args
 
 
 # --- noise schedule ---
 # Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the paper.
 
-def make_schedule(device):
-    """betas, alphas and alpha_bars, each of shape [T], float32 on `device`."""
+def make_schedule(device, timesteps=T):
+    """betas, alphas and alpha_bars, each of shape [timesteps], float32 on `device`."""
+    # DDPM's betas are for T = 1000. For another T they are scaled by 1000 / T (as improved-diffusion's
+    # code does), so that alpha_bar at the last step is again close to 0: x_T is pure noise.
+    scale = 1000 / timesteps
     # Computed in float64 on the CPU for an accurate running product, stored as float32
     # (Apple's MPS has no float64).
-    betas = torch.linspace(BETA_START, BETA_END, T, dtype=torch.float64)
+    betas = torch.linspace(BETA_START * scale, BETA_END * scale, timesteps, dtype=torch.float64)
     alphas = 1.0 - betas
     # DDPM Section 2: alpha_bar_t = prod_{s<=t} alpha_s, the share of signal left at step t.
     alpha_bars = torch.cumprod(alphas, dim=0)
@@ -167,7 +175,8 @@ class TinyUNet(nn.Module):
 
 def loss_fn(model, x0, schedule, generator):
     """DDPM Algorithm 1 on a batch x0 [B, C, H, W]: one scalar loss."""
-    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
+    timesteps = len(schedule["betas"])  # T
+    t = torch.randint(0, timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = add_noise(x0, t, eps, schedule)
     # DDPM Eq. 14, L_simple = E ||eps - eps_theta(x_t, t)||^2: the variational bound with its
@@ -197,14 +206,14 @@ def sample_step(model, x_t, t, constants, generator):
 
 @torch.inference_mode()
 def sample(model, schedule, shape, generator, keep=()):
-    """DDPM Algorithm 2: pure noise [N, C, H, W] -> images in [-1, 1], after T steps.
+    """DDPM Algorithm 2: pure noise [N, C, H, W] -> images in [-1, 1], after T steps (T = the schedule's length).
 
     Returns the images and {t: x_t} for each t in `keep` (the denoising pictures).
     """
     constants = schedule_lists(schedule)  # so that the loop spends its time in the network
     x_t = torch.randn(shape, device=schedule["betas"].device, generator=generator)
     kept = {}
-    for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
+    for t in tqdm(range(len(constants[0]) - 1, -1, -1), desc="sampling", leave=False):
         x_t = sample_step(model, x_t, t, constants, generator)
         if t in keep:
             kept[t] = x_t.clamp(-1, 1).cpu()
@@ -289,7 +298,7 @@ def write_forward_process(images, schedule, seed, path, count=4):
     """forward.png: a few training images through q(x_t | x_0) at t = 0, 100, ..., 999 (one noise draw each)."""
     x0 = images[:count]
     eps = torch.randn(x0.shape, device=x0.device, generator=torch.Generator(device=x0.device).manual_seed(seed))
-    steps = visualize.forward_steps(T)
+    steps = visualize.forward_steps(len(schedule["betas"]))
     frames = [add_noise(x0, torch.full((len(x0),), t, device=x0.device), eps, schedule).cpu() for t in steps]
     return visualize.save_forward_process(frames, steps, path)
 
@@ -298,17 +307,18 @@ def write_samples(model, schedule, config, args, device):
     """Sample --num-samples images and write samples.png/.npz, denoising.gif/.png; return the paths."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     shape = (config["channels"], config["image_size"], config["image_size"])
-    gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
+    timesteps = len(schedule["betas"])
+    gif_steps, strip_steps = visualize.gif_steps(timesteps, GIF_FRAMES), visualize.strip_steps(timesteps)
     model.eval()
     started = time.perf_counter()
     images, kept = in_batches(args.num_samples, args.sample_batch_size, lambda start, count: sample(
-        model, schedule, (count, *shape), generator, keep=gif_steps | set(STRIP_STEPS)))
-    print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({T} steps)")
+        model, schedule, (count, *shape), generator, keep={*gif_steps, *strip_steps}))
+    print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({timesteps} steps)")
     return [
         visualize.save_grid(images, args.out / "samples.png"),
         visualize.save_samples_npz(images, args.out / "samples.npz"),
-        visualize.save_denoising_gif([kept[t] for t in sorted(gif_steps, reverse=True)], args.out / "denoising.gif"),
-        visualize.save_denoising_strip([kept[t] for t in STRIP_STEPS], STRIP_STEPS, args.out / "denoising.png"),
+        visualize.save_denoising_gif([kept[t] for t in gif_steps], args.out / "denoising.gif"),
+        visualize.save_denoising_strip([kept[t] for t in strip_steps], strip_steps, args.out / "denoising.png"),
     ]
 
 
@@ -317,10 +327,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    schedule = make_schedule(device)
     if args.sample_only:
-        checkpoint = load_checkpoint(args.checkpoint or args.out / "checkpoint.pt", LESSON)
+        path = args.checkpoint or args.out / "checkpoint.pt"
+        checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
+        schedule = make_schedule(device, saved_timesteps(config, args.timesteps, path))
         model = TinyUNet(config["channels"], config["width"]).to(device)
         model.load_state_dict(checkpoint["model"])
         for path in write_samples(model, schedule, config, args, device):
@@ -333,10 +344,13 @@ def main(argv=None):
     steps_per_epoch = max(1, len(images) // args.batch_size)
     config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[2],
               "width": args.width, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+              "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt", T) if start
+              else args.timesteps or T,
               "steps_per_epoch": steps_per_epoch,
               "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
         require_same(start["config"], config, ARCHITECTURE_KEYS + ("dataset", "batch_size"), args.out / "checkpoint.pt")
+    schedule = make_schedule(device, config["timesteps"])
     model = TinyUNet(config["channels"], args.width).to(device)
     print(f"{dataset.name}: {len(images)} images {tuple(images.shape[1:])} from {dataset.source}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters on {device}; "

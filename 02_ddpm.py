@@ -41,11 +41,11 @@ from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
     last_good, load_checkpoint, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
-    writable_dir,
+    saved_timesteps, writable_dir,
 )
 
 LESSON = "02_ddpm"
-T = 1000  # number of diffusion steps, as in both papers
+T = 1000  # number of diffusion steps, as in both papers (the default of --timesteps)
 BETA_START, BETA_END = 1e-4, 0.02  # DDPM Section 4: the linear schedule
 COSINE_OFFSET = 0.008  # Improved DDPM Section 3.2: s, so that beta_t is not too small near t = 0
 MAX_BETA = 0.999  # Improved DDPM Section 3.2: betas clipped to avoid a singularity at t = T
@@ -53,7 +53,6 @@ ATTENTION_LEVEL = 1  # self-attention at the second resolution: 16x16 for CIFAR-
 EMA_WARMUP = 10  # EMA decay starts at 1/10 and rises as (1 + step) / (10 + step) towards --ema-decay
 LOG_EVERY = 50  # steps between rows of metrics.csv
 GIF_FRAMES = 40  # snapshots of the reverse process kept for denoising.gif
-STRIP_STEPS = (999, 800, 600, 400, 300, 200, 100, 50, 0)  # timesteps shown in denoising.png
 ARCHITECTURE_KEYS = ("channels", "image_size", "width", "channel_mults", "num_res_blocks", "schedule")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,6 +88,9 @@ def parse_args(argv=None):
                         help="EMA decay of the sampling weights; averages over ~1/(1-decay) steps (paper: 0.9999)")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
                         help="noise schedule: cosine (Nichol & Dhariwal) or linear (Ho et al.)")
+    parser.add_argument("--timesteps", type=positive_int, default=None,
+                        help=f"diffusion steps T (default {T}; try 500 or 2000): the schedule is drawn over T steps "
+                             f"(linear betas scaled by 1000 / T); a checkpoint keeps its own T")
     parser.add_argument("--prediction", choices=["eps", "v"], default="v",
                         help="what the network predicts: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & "
                              "Ho 2022), or eps, the noise (paper); eps samples better with 1000 DDPM steps, v with "
@@ -117,6 +119,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
+    if args.timesteps is not None and args.timesteps < 2 or args.schedule == "linear" and BETA_END * 1000 / (
+            args.timesteps or T) >= 1:
+        parser.error(f"--timesteps must be at least 2, and more than {round(BETA_END * 1000)} with the linear schedule "
+                     f"(its last beta, 0.02 x 1000 / T, must stay below 1); got {args.timesteps}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0.0 <= args.dropout < 1.0:
@@ -134,15 +140,17 @@ def parse_args(argv=None):
 # Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers. alpha_bar_prev at
 # t = 0 is 1: before the first step the image is clean.
 
-def make_schedule(name, device):
-    """Every per-step constant of the forward process and the posterior, each [T], float32 on `device`."""
-    steps = torch.arange(T + 1, dtype=torch.float64)  # computed in float64 (MPS has none: stored as float32)
+def make_schedule(name, device, timesteps=T):
+    """Every per-step constant of the forward process and the posterior, each [timesteps], float32 on `device`."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)  # computed in float64 (MPS has none: stored as float32)
     if name == "linear":
-        betas = torch.linspace(BETA_START, BETA_END, T, dtype=torch.float64)
+        # DDPM's betas are for T = 1000; for another T, scaled by 1000 / T (as improved-diffusion's code does).
+        scale = 1000 / timesteps
+        betas = torch.linspace(BETA_START * scale, BETA_END * scale, timesteps, dtype=torch.float64)
     else:
         # Improved DDPM Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(pi/2 * (t/T + s) / (1 + s)). Noise is
         # added more slowly than with linear betas, so fewer steps are wasted on images that are pure noise.
-        f = torch.cos((steps / T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+        f = torch.cos((steps / timesteps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
         # Improved DDPM Section 3.2: beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped at 0.999.
         betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
     alphas = 1 - betas
@@ -341,7 +349,8 @@ class EMA:
 
 def loss_fn(model, x0, schedule, generator, prediction="eps"):
     """DDPM Algorithm 1 on a batch x0 [B, C, H, W]: one scalar loss."""
-    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
+    timesteps = len(schedule["betas"])  # T
+    t = torch.randint(0, timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = add_noise(x0, t, eps, schedule)
     if prediction == "eps":
@@ -395,7 +404,7 @@ def sample(model, schedule, shape, generator, variance="posterior", clip_x0=True
     constants = sampling_constants(schedule, variance)
     x_t = torch.randn(shape, device=schedule["betas"].device, generator=generator)
     kept = {}
-    for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
+    for t in tqdm(range(len(constants["sigmas"]) - 1, -1, -1), desc="sampling", leave=False):
         x_prev, x0_pred = sample_step(model, x_t, t, constants, generator, clip_x0, prediction)
         if t in keep:
             kept[t] = (x_t.clamp(-1, 1).cpu(), x0_pred.clamp(-1, 1).cpu())
@@ -540,26 +549,27 @@ def write_samples(model, schedule, config, args, device):
     """Sample --num-samples images and write samples.png/.npz, denoising.gif/.png; return the paths."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     shape = (config["channels"], config["image_size"], config["image_size"])
-    gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
+    timesteps = len(schedule["betas"])
+    gif_steps, strip_steps = visualize.gif_steps(timesteps, GIF_FRAMES), visualize.strip_steps(timesteps)
     amp_dtype = mixed_precision(args.precision, device)
 
     def draw(start, count):
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             return sample(model, schedule, (count, *shape), generator, args.variance, args.clip_x0,
-                          config.get("prediction", "eps"), keep=gif_steps | set(STRIP_STEPS))
+                          config.get("prediction", "eps"), keep={*gif_steps, *strip_steps})
 
     started = time.perf_counter()
     images, kept = in_batches(args.num_samples, args.sample_batch_size, draw)
-    print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({T} steps)")
+    print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({timesteps} steps)")
     images, first_batch = images.float(), min(args.num_samples, args.sample_batch_size)  # kept: the first batch
     return [
         visualize.save_grid(images, args.out / "samples.png"),
         visualize.save_samples_npz(images, args.out / "samples.npz"),
-        visualize.save_denoising_gif([kept[t][0] for t in sorted(gif_steps, reverse=True)] + [images[:first_batch]],
+        visualize.save_denoising_gif([kept[t][0] for t in gif_steps] + [images[:first_batch]],
                                      args.out / "denoising.gif"),
         # x_t beside x0_pred: the large structure is decided early, the details in the last few hundred steps.
-        visualize.save_reverse_process([kept[t][0] for t in STRIP_STEPS], [kept[t][1] for t in STRIP_STEPS],
-                                       STRIP_STEPS, args.out / "denoising.png", rows=min(3, first_batch)),
+        visualize.save_reverse_process([kept[t][0] for t in strip_steps], [kept[t][1] for t in strip_steps],
+                                       strip_steps, args.out / "denoising.png", rows=min(3, first_batch)),
     ]
 
 
@@ -614,12 +624,14 @@ def train_and_sample(args, rank, world_size, device):
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
     if args.sample_only:
-        checkpoint = load_checkpoint(args.checkpoint or args.out / "checkpoint.pt", LESSON)
+        path = args.checkpoint or args.out / "checkpoint.pt"
+        checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
+        schedule = make_schedule(config["schedule"], device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config).to(device)
         model.load_state_dict(checkpoint["ema"])
         if rank == 0:
-            for path in write_samples(model.eval(), make_schedule(config["schedule"], device), config, args, device):
+            for path in write_samples(model.eval(), schedule, config, args, device):
                 print(f"wrote {path}")
         return
     start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
@@ -635,6 +647,8 @@ def train_and_sample(args, rank, world_size, device):
     config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "schedule": args.schedule, "prediction": args.prediction,
+              "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
+              else args.timesteps or T,
               "batch_size": args.batch_size, "world_size": world_size, "seed": args.seed,
               "steps_per_epoch": steps_per_epoch, "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
@@ -642,7 +656,7 @@ def train_and_sample(args, rank, world_size, device):
         require_same(start["config"], config, ARCHITECTURE_KEYS + resume_keys, args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)
-    schedule = make_schedule(args.schedule, device)
+    schedule = make_schedule(args.schedule, device, config["timesteps"])
     if rank == 0:
         print(f"{dataset.name}: {len(images)} images {tuple(images.shape[1:])} from {dataset.source}; "
               f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
@@ -656,7 +670,8 @@ def train_and_sample(args, rank, world_size, device):
     paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
              visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),
              # This lesson's two schedules side by side: the cosine one keeps more signal for longer.
-             visualize.save_schedules({name: make_schedule(name, "cpu")["betas"] for name in ("linear", "cosine")},
+             visualize.save_schedules({name: make_schedule(name, "cpu", config["timesteps"])["betas"]
+                                                 for name in ("linear", "cosine")},
                                       args.out / "schedules.png")]
     paths += write_samples(ema.model, schedule, config, args, device)
     for path in paths:

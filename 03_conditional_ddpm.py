@@ -29,11 +29,11 @@ from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
     last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, require_same, run,
-    save_checkpoint, writable_dir,
+    save_checkpoint, saved_timesteps, writable_dir,
 )
 
 LESSON = "03_conditional_ddpm"
-T = 1000  # number of diffusion steps
+T = 1000  # number of diffusion steps (the default of --timesteps)
 COSINE_OFFSET = 0.008  # Improved DDPM Section 3.2: s
 MAX_BETA = 0.999  # Improved DDPM Section 3.2: betas clipped at 0.999
 NUM_CLASSES = 10  # every dataset of the course has ten classes
@@ -42,7 +42,6 @@ EMA_WARMUP = 10  # EMA decay rises as (1 + step) / (10 + step) towards --ema-dec
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # guidance strengths w in guidance.png, one row each
 LOG_EVERY = 50  # steps between rows of metrics.csv
 GIF_FRAMES = 40  # snapshots of the reverse process kept for denoising.gif
-STRIP_STEPS = (999, 800, 600, 400, 300, 200, 100, 50, 0)  # timesteps shown in denoising.png
 ARCHITECTURE_KEYS = ("channels", "image_size", "width", "channel_mults", "num_res_blocks", "num_classes")
 
 
@@ -80,6 +79,9 @@ def parse_args(argv=None):
                              "Libraries that call 1 + w the guidance scale (diffusers) use guidance_scale = w + 1")
     parser.add_argument("--class-label", type=int, default=None,
                         help=f"sample only this class (0..{NUM_CLASSES - 1}); default: one row per class")
+    parser.add_argument("--timesteps", type=positive_int, default=None,
+                        help=f"diffusion steps T (default {T}): the cosine schedule drawn over T steps; a checkpoint "
+                             f"keeps its own T")
     parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (paper: 128)")
     parser.add_argument("--channel-mults", type=channel_mults, default=(1, 2, 4), help="width multiplier per resolution")
     parser.add_argument("--num-res-blocks", type=positive_int, default=1, help="ResNet blocks per resolution")
@@ -112,17 +114,19 @@ def parse_args(argv=None):
         if channels % norm_groups(channels):
             parser.error(f"--width {args.width} gives a layer of {channels} channels, which GroupNorm cannot split "
                          f"into {norm_groups(channels)} groups; make every layer a multiple of 4 channels")
+    if args.timesteps is not None and args.timesteps < 2:
+        parser.error(f"--timesteps must be at least 2, got {args.timesteps}")
     return args
 
 
 # --- noise schedule (lesson 02's cosine schedule) ---
 # Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers.
 
-def make_schedule(device):
-    """Per-step constants of the forward process and the posterior, each [T], float32 on `device`."""
-    steps = torch.arange(T + 1, dtype=torch.float64)
+def make_schedule(device, timesteps=T):
+    """Per-step constants of the forward process and the posterior, each [timesteps], float32 on `device`."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)
     # Improved DDPM Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(pi/2 * (t/T + s) / (1 + s)).
-    f = torch.cos((steps / T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+    f = torch.cos((steps / timesteps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)  # Improved DDPM Section 3.2
     alphas = 1 - betas
     alpha_bars = torch.cumprod(alphas, dim=0)
@@ -317,7 +321,8 @@ def loss_fn(model, x0, labels, schedule, generator, p_uncond):
     Dropping labels trains the unconditional model eps(x_t) inside the conditional one, for free.
     """
     labels = drop_labels(labels, p_uncond, model.null_class, generator)
-    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
+    timesteps = len(schedule["betas"])  # T
+    t = torch.randint(0, timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     # DDPM's simple loss (Eq. 14), now with the (sometimes dropped) class as an extra input.
     return F.mse_loss(model(add_noise(x0, t, eps, schedule), t, labels), eps)
@@ -366,7 +371,7 @@ def sample(model, schedule, labels, w, x_T, generator, keep=()):
                                                             "posterior_xt_weights")}
     constants["sigmas"] = schedule["posterior_variances"].sqrt().tolist()
     x_t, kept = x_T, {}
-    for t in tqdm(range(T - 1, -1, -1), desc="sampling", leave=False):
+    for t in tqdm(range(len(constants["sigmas"]) - 1, -1, -1), desc="sampling", leave=False):
         x_t = sample_step(model, x_t, t, labels, w, constants, generator)
         if t in keep:
             kept[t] = x_t.clamp(-1, 1).cpu()
@@ -461,18 +466,19 @@ def write_samples(model, schedule, config, args, device):
     labels = sample_labels(args, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x_T = torch.randn((len(labels), *shape), device=device, generator=generator)
-    gif_steps = set(range(T - 1, -1, -(T // GIF_FRAMES))) | {0}
+    timesteps = len(schedule["betas"])
+    gif_steps, strip_steps = visualize.gif_steps(timesteps, GIF_FRAMES), visualize.strip_steps(timesteps)
     started = time.perf_counter()
     images, kept = in_batches(len(labels), args.sample_batch_size, lambda start, count: sample(
         model, schedule, labels[start:start + count], args.guidance_scale, x_T[start:start + count], generator,
-        keep=gif_steps | set(STRIP_STEPS)))
+        keep={*gif_steps, *strip_steps}))
     print(f"sampled {len(labels)} images at w={args.guidance_scale:g} in {time.perf_counter() - started:.1f} s")
     per_row = len(labels) if args.class_label is not None else math.ceil(args.num_samples / NUM_CLASSES)
     paths = [
         visualize.save_grid(images, args.out / "samples.png", nrow=per_row),
         visualize.save_samples_npz(images, args.out / "samples.npz", labels=labels),
-        visualize.save_denoising_gif([kept[t] for t in sorted(gif_steps, reverse=True)], args.out / "denoising.gif"),
-        visualize.save_denoising_strip([kept[t] for t in STRIP_STEPS], STRIP_STEPS, args.out / "denoising.png"),
+        visualize.save_denoising_gif([kept[t] for t in gif_steps], args.out / "denoising.gif"),
+        visualize.save_denoising_strip([kept[t] for t in strip_steps], strip_steps, args.out / "denoising.png"),
     ]
     # The sweep, in one batch: a row of one image per class for each w, every row from the same
     # starting noise, so that the rows differ only by w (and the noise added along the way).
@@ -495,11 +501,13 @@ def main(argv=None):
     device = pick_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sample_only:
-        checkpoint = load_checkpoint(args.checkpoint or args.out / "checkpoint.pt", LESSON)
+        path = args.checkpoint or args.out / "checkpoint.pt"
+        checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
+        schedule = make_schedule(device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config).to(device)
         model.load_state_dict(checkpoint["ema"])
-        for path in write_samples(model.eval(), make_schedule(device), config, args, device):
+        for path in write_samples(model.eval(), schedule, config, args, device):
             print(f"wrote {path}")
         return
     start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
@@ -514,6 +522,8 @@ def main(argv=None):
     config = {"dataset": dataset.name, "channels": dataset.images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "num_classes": NUM_CLASSES, "p_uncond": args.p_uncond,
+              "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
+              else args.timesteps or T,
               "batch_size": args.batch_size, "seed": args.seed, "steps_per_epoch": steps_per_epoch,
               "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
@@ -521,7 +531,7 @@ def main(argv=None):
                      args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)
-    schedule = make_schedule(device)
+    schedule = make_schedule(device, config["timesteps"])
     print(f"{dataset.name}: {len(dataset.images)} images {tuple(dataset.images.shape[1:])} from {dataset.source}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
           f"{config['total_steps']} steps of {args.batch_size}; labels dropped with p = {args.p_uncond}")

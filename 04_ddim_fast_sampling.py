@@ -7,11 +7,13 @@ Builds on: lesson 02 (its network and checkpoints are used as they are, eps- or 
 New here:
   - the DDIM update (Eq. 12) on a sub-sequence of the timesteps that starts at T - 1 ("trailing"):
     10-50 steps instead of 1000; eta, the noise knob of Eq. 16; DDIM inversion (Eq. 12 run backwards);
-  - DPM-Solver++(2M): the same update with x0_pred extrapolated from the last two steps, in log-SNR time.
+  - DPM-Solver++(2M): the same update with x0_pred extrapolated from the last two steps, in log-SNR time,
+    on timesteps equally spaced in log-SNR.
 Left out: class guidance (lesson 03); latent space (05).
 
-CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    61 s on a 2-core AMD EPYC VM
-      (64 images in 50 steps: 7.5 s; the rest is steps.png and the inversion sweep; 2026-11-29, v checkpoint)
+CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    65 s on a 2-core AMD EPYC VM
+      (64 images in 50 DDIM steps: 7.6 s; the rest is steps.png and the inversion sweep; 2026-11-29, lesson 02's
+      default v checkpoint). With --sampler dpm-solver++ --steps 10: 58 s, of which 64 images in 1.8 s.
 GPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt --device cuda    (not timed yet)
 Compare with DDPM, timed and scored: python examples/compare_methods.py (README, "Lesson 04").
 Without --checkpoint it first trains lesson 02's default model with lesson 02's objective.
@@ -34,11 +36,11 @@ from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
     last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, run, save_checkpoint,
-    writable_dir,
+    saved_timesteps, writable_dir,
 )
 
 LESSON = "04_ddim_fast_sampling"
-T = 1000  # training timesteps, as in lesson 02
+T = 1000  # training timesteps, as in lesson 02 (a checkpoint's own T, its --timesteps, takes precedence)
 BETA_START, BETA_END = 1e-4, 0.02  # DDPM's linear schedule (lesson 02)
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
 ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's checkpoints
@@ -46,7 +48,8 @@ EMA_WARMUP = 10
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # diffusers' names, DDIM's, DPM-Solver's
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)"}  # --sampler -> the name shown
 DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr"}  # each sampler's best, measured (README, "Lesson 04")
-STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png
+DEFAULT_STEPS = 50  # network calls of the sampler
+STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png (those up to the checkpoint's T, and T itself)
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
 INVERSION_STEPS = (10, 20, 50, 100, 200)  # step counts of inversion_error.png
 STEPS_FIGURE_ROWS = 8  # starting noises in steps.png
@@ -76,7 +79,9 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Lesson 04: DDIM sampling and inversion with a lesson 02 model.")
     parser.add_argument("--checkpoint", default=None,
                         help="a lesson 02 (or 04) checkpoint to sample from; without it, train one first")
-    parser.add_argument("--steps", type=positive_int, default=50, help=f"network calls of the sampler, at most T = {T}")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"network calls of the sampler (default {DEFAULT_STEPS}, or the model's T if smaller), "
+                             f"at most T")
     parser.add_argument("--eta", type=non_negative_float, default=0.0,
                         help="noise of each DDIM step (Eq. 16): 0 deterministic, 1 DDPM-like (README, 'Lesson 04')")
     parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim",
@@ -102,6 +107,8 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (lesson 02)")
     parser.add_argument("--channel-mults", type=channel_mults, default=(1, 2, 4), help="as in lesson 02")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="as in lesson 02")
+    parser.add_argument("--timesteps", type=positive_int, default=None,
+                        help=f"diffusion steps T when training (default {T}, as lesson 02); a checkpoint keeps its own")
     parser.add_argument("--prediction", choices=["eps", "v"], default="v",
                         help="training target, as in lesson 02 (checkpoints say which they were trained with)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -118,8 +125,13 @@ def parse_args(argv=None):
                              "eta = 0, the deterministic map from noise to image: interpolation.png/.gif and "
                              "interpolation_grid.png")
     args = parser.parse_args(argv)
-    if args.steps > T:
-        parser.error(f"--steps must be at most T = {T}, the number of training timesteps, got {args.steps}")
+    if args.timesteps is not None and args.timesteps < 2 or args.schedule == "linear" and BETA_END * 1000 / (
+            args.timesteps or T) >= 1:
+        parser.error(f"--timesteps must be at least 2, and more than {round(BETA_END * 1000)} with the linear schedule "
+                     f"(its last beta, 0.02 x 1000 / T, must stay below 1); got {args.timesteps}")
+    if args.steps is not None and args.steps > (args.timesteps or T):
+        parser.error(f"--steps must be at most T = {args.timesteps or T}, the number of training timesteps, "
+                     f"got {args.steps}")
     if args.resume and (args.sample_only or args.checkpoint):
         parser.error("--resume continues training in --out; it cannot be used with --sample-only or --checkpoint")
     for channels in (args.width * mult for mult in args.channel_mults):
@@ -132,13 +144,14 @@ def parse_args(argv=None):
 # Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers. DDIM's paper writes
 # alpha_t for what DDPM (and this course) calls alpha_bar_t.
 
-def make_alpha_bars(name, device):
-    """alpha_bar_t for t = 0 .. T-1 ([T], float32), for lesson 02's linear or cosine schedule."""
+def make_alpha_bars(name, device, timesteps=T):
+    """alpha_bar_t for t = 0 .. T-1 ([timesteps], float32), for lesson 02's linear or cosine schedule."""
     if name == "linear":
-        betas = torch.linspace(BETA_START, BETA_END, T, dtype=torch.float64)
+        scale = 1000 / timesteps  # as lesson 02: DDPM's betas are for T = 1000
+        betas = torch.linspace(BETA_START * scale, BETA_END * scale, timesteps, dtype=torch.float64)
     else:
-        steps = torch.arange(T + 1, dtype=torch.float64)
-        f = torch.cos((steps / T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2  # Improved DDPM Eq. 17
+        steps = torch.arange(timesteps + 1, dtype=torch.float64)
+        f = torch.cos((steps / timesteps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2  # Improved DDPM Eq. 17
         betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
     return torch.cumprod(1 - betas, dim=0).float().to(device)
 
@@ -324,7 +337,7 @@ class EMA:
 
 def loss_fn(model, x0, alpha_bars, generator, prediction="eps"):
     """DDPM Algorithm 1 on a batch x0 [B, C, H, W], lesson 02's objective: one scalar loss."""
-    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
+    t = torch.randint(0, len(alpha_bars), (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = add_noise(x0, t, eps, alpha_bars)
     alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
@@ -352,27 +365,31 @@ def timestep_sequence(steps, spacing="trailing", alpha_bars=None):
       quadratic floor(c i^2) (DDIM Appendix D.2), dense at small t; here c makes the last step T-1;
       logsnr    equal steps in lambda = log_snr(alpha_bar) from t = T-1 towards t = 0 (DPM-Solver's "logSNR"
                 time steps, Lu et al. 2022, arXiv:2206.00927; diffusers' use_lu_lambdas); needs `alpha_bars` [T].
+    T is the schedule's length, len(alpha_bars), or the module's T without one.
     Raises ValueError for an unknown spacing, or logsnr without alpha_bars."""
+    timesteps = T if alpha_bars is None else len(alpha_bars)
     if spacing == "trailing":
-        return [round(T - k * T / steps) - 1 for k in range(steps)][::-1]
+        return [round(timesteps - k * timesteps / steps) - 1 for k in range(steps)][::-1]
     if spacing == "leading":
-        return [i * (T // steps) for i in range(steps)]
+        return [i * (timesteps // steps) for i in range(steps)]
     if spacing == "linspace":
-        return [round(i * (T - 1) / max(1, steps - 1)) for i in range(steps)]
+        return [round(i * (timesteps - 1) / max(1, steps - 1)) for i in range(steps)]
     if spacing == "quadratic":
-        taus = [int((T - 1) * i * i / (steps - 1) ** 2) for i in range(steps)] if steps > 1 else [T - 1]
+        last = timesteps - 1
+        taus = [int(last * i * i / (steps - 1) ** 2) for i in range(steps)] if steps > 1 else [last]
     elif spacing == "logsnr":
         if alpha_bars is None:
             raise ValueError("the logsnr timestep spacing needs the schedule's alpha_bars")
         lambdas = torch.tensor([log_snr(a) for a in alpha_bars.tolist()], dtype=torch.float64)  # falls as t grows
-        targets = torch.tensor([lambdas[T - 1] + (lambdas[0] - lambdas[T - 1]) * k / steps for k in range(steps)],
-                               dtype=torch.float64)  # k = 0 is t = T-1; the clean image (beyond t = 0) is the end
+        lowest, highest = lambdas[-1].item(), lambdas[0].item()
+        # k = 0 is t = T-1; the clean image (beyond t = 0) is where the last step lands.
+        targets = torch.tensor([lowest + (highest - lowest) * k / steps for k in range(steps)], dtype=torch.float64)
         taus = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()[::-1]  # nearest t to each
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {', '.join(TIMESTEP_SPACINGS)}")
     for i in range(1, steps):  # where neighbours round to the same t, keep the steps distinct ...
         taus[i] = max(taus[i], taus[i - 1] + 1)
-    taus[-1] = min(taus[-1], T - 1)
+    taus[-1] = min(taus[-1], timesteps - 1)
     for i in range(steps - 2, -1, -1):  # ... and below T
         taus[i] = min(taus[i], taus[i + 1] - 1)
     return taus
@@ -602,15 +619,17 @@ def write_figures(model, alpha_bars, config, args, device, images):
                                                 ["noise", *[str(t) for t, _ in strip]], args.out / "denoising.png"))
     # The same starting noises at each step count, deterministic (eta = 0): each row should agree with itself.
     count = min(STEPS_FIGURE_ROWS, args.num_samples)
-    rows = [draw(x_T[:count], steps, eta=0.0)[0] for steps in STEP_COUNTS]
+    timesteps = len(alpha_bars)
+    step_counts = sorted({*(steps for steps in STEP_COUNTS if steps < timesteps), timesteps})
+    rows = [draw(x_T[:count], steps, eta=0.0)[0] for steps in step_counts]
     paths.append(visualize.save_labeled_grid(torch.stack(rows, dim=1).flatten(0, 1), [str(i) for i in range(count)],
-                                             [f"{steps} steps" for steps in STEP_COUNTS], args.out / "steps.png",
+                                             [f"{steps} steps" for steps in step_counts], args.out / "steps.png",
                                              row_title="starting noise",
                                              column_title=f"{SAMPLER_NAMES[args.sampler]}, deterministic"))
     # Inversion: training images -> their noise -> back again, at --steps, then at each of INVERSION_STEPS.
     originals = images[:INVERSION_IMAGES].to(device)
     errors = {}
-    for steps in sorted({args.steps, *INVERSION_STEPS}):
+    for steps in sorted({args.steps, *(steps for steps in INVERSION_STEPS if steps <= timesteps)}):
         noise = ddim_invert(model, alpha_bars, originals, steps, spacing_for("ddim", args.timestep_spacing),
                             config.get("prediction", "eps"))
         reconstructions, _ = draw(noise, steps, sampler="ddim", eta=0.0)
@@ -666,6 +685,10 @@ def main(argv=None):
     path = args.checkpoint or (args.out / "checkpoint.pt" if args.sample_only else None)
     if path is not None:
         model, config = load_model(path, device)
+        config["timesteps"] = saved_timesteps(config, args.timesteps, path)
+        if args.steps is not None and args.steps > config["timesteps"]:
+            raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
+                              f"trained with")
         dataset = data.load_with_fallback(args.dataset or config["dataset"], args.data_dir,
                                           explicit=True, download=False)
     else:
@@ -677,13 +700,17 @@ def main(argv=None):
         config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[-1],
                   "width": args.width, "channel_mults": list(args.channel_mults), "num_res_blocks": 1,
                   "schedule": args.schedule, "prediction": args.prediction, "steps_per_epoch": steps_per_epoch,
+                  "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
+                  else args.timesteps or T,
                   "total_steps": args.max_steps or args.epochs * steps_per_epoch}
         model = UNet(config["channels"], args.width, args.channel_mults, 1).to(device)
         ema = EMA(model, EMA_DECAY)
-        train(args, model, ema, images, make_alpha_bars(args.schedule, device), config, device, start)
+        train(args, model, ema, images, make_alpha_bars(args.schedule, device, config["timesteps"]), config, device,
+              start)
         model = ema.model
         print(f"wrote {visualize.save_loss_curve(args.out / 'metrics.csv', args.out / 'loss.png')}")
-    alpha_bars = make_alpha_bars(config["schedule"], device)
+    alpha_bars = make_alpha_bars(config["schedule"], device, config["timesteps"])
+    args.steps = args.steps or min(DEFAULT_STEPS, config["timesteps"])
     paths = write_figures(model, alpha_bars, config, args, device, dataset.images)
     if args.interpolate:
         paths += write_interpolation(model, alpha_bars, config, args, device)

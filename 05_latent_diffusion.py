@@ -31,12 +31,13 @@ from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
     last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, require_same, run,
-    save_checkpoint, writable_dir,
+    save_checkpoint, saved_timesteps, writable_dir,
 )
 
 LESSON = "05_latent_diffusion"
 AUTOENCODER_LESSON = "05_latent_diffusion/autoencoder"  # the `lesson` name inside autoencoder.pt
-T = 1000  # diffusion timesteps, as in lessons 02-04
+T = 1000  # diffusion timesteps, as in lessons 02-04 (the default of --timesteps)
+DEFAULT_STEPS = 200  # DDIM steps when sampling
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
 ATTENTION_MAX_SIZE = 16  # self-attention at resolutions of 16x16 and below (DDPM: at 16x16)
 EMA_WARMUP = 10  # as in lesson 02
@@ -82,7 +83,10 @@ def parse_args(argv=None):
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (paper: 0.9999)")
     # Sampling in latent space is cheap (a 7x7x4 network call per step), so the default spends steps: on the
     # default model, 256 samples scored FD 56.3 at 50 steps with eta 0, 47.6 with eta 1, 35.5 at 200 with eta 1.
-    parser.add_argument("--steps", type=positive_int, default=200, help=f"DDIM sampling steps, at most T = {T}")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"DDIM sampling steps (default {DEFAULT_STEPS}, or the model's T if smaller), at most T")
+    parser.add_argument("--timesteps", type=positive_int, default=None,
+                        help=f"diffusion steps T when training (default {T}); a checkpoint keeps its own")
     parser.add_argument("--eta", type=non_negative_float, default=1.0,
                         help="DDIM's eta (lesson 04): 0 deterministic, 1 DDPM-like (better for this small model)")
     parser.add_argument("--timestep-spacing", choices=["trailing", "leading", "linspace"], default="trailing",
@@ -100,8 +104,11 @@ def parse_args(argv=None):
                         help="also walk between latent starting noises (slerp and lerp), decoded by latent DDIM at "
                              "--steps with eta = 0 and the decoder: interpolation.png/.gif and interpolation_grid.png")
     args = parser.parse_args(argv)
-    if args.steps > T:
-        parser.error(f"--steps must be at most T = {T}, the number of training timesteps, got {args.steps}")
+    if args.timesteps is not None and args.timesteps < 2:
+        parser.error(f"--timesteps must be at least 2, got {args.timesteps}")
+    if args.steps is not None and args.steps > (args.timesteps or T):
+        parser.error(f"--steps must be at most T = {args.timesteps or T}, the number of training timesteps, "
+                     f"got {args.steps}")
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -115,10 +122,10 @@ def parse_args(argv=None):
 # --- noise schedule (lesson 02's cosine schedule; only alpha_bar is needed) ---
 # Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers.
 
-def make_alpha_bars(device):
-    """alpha_bar_t for t = 0 .. T-1 ([T], float32): Improved DDPM Eq. 17, betas clipped at 0.999."""
-    steps = torch.arange(T + 1, dtype=torch.float64)
-    f = torch.cos((steps / T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+def make_alpha_bars(device, timesteps=T):
+    """alpha_bar_t for t = 0 .. T-1 ([timesteps], float32): Improved DDPM Eq. 17, betas clipped at 0.999."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos((steps / timesteps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
     return torch.cumprod(1 - betas, dim=0).float().to(device)
 
@@ -328,20 +335,22 @@ class EMA:
 
 def loss_fn(model, z0, alpha_bars, generator):
     """DDPM Algorithm 1 on scaled latents z0 [B, C, h, w] (LDM Eq. 2): E ||eps - eps_theta(z_t, t)||^2."""
-    t = torch.randint(0, T, (z0.shape[0],), device=z0.device, generator=generator)
+    t = torch.randint(0, len(alpha_bars), (z0.shape[0],), device=z0.device, generator=generator)
     eps = torch.randn(z0.shape, device=z0.device, generator=generator)
     return F.mse_loss(model(add_noise(z0, t, eps, alpha_bars), t), eps)
 
 
-def timestep_sequence(steps, spacing="trailing"):
+def timestep_sequence(steps, spacing="trailing", alpha_bars=None):
     """Lesson 04's timesteps tau_1 < ... < tau_S, named as diffusers' timestep_spacing: trailing ends at T-1, where
     z_T is pure noise (Lin et al. 2024, arXiv:2305.08891, Section 3.4); leading is the DDIM paper's 0, T//S, ...,
-    which never starts at T-1; linspace runs from 0 to T-1. (Lesson 04 adds DDIM's quadratic spacing.)"""
+    which never starts at T-1; linspace runs from 0 to T-1. (Lesson 04 adds DDIM's quadratic and DPM-Solver's
+    logsnr spacings.) T is len(alpha_bars), or the module's T without them."""
+    timesteps = T if alpha_bars is None else len(alpha_bars)
     if spacing == "trailing":
-        return [round(T - k * T / steps) - 1 for k in range(steps)][::-1]
+        return [round(timesteps - k * timesteps / steps) - 1 for k in range(steps)][::-1]
     if spacing == "leading":
-        return [i * (T // steps) for i in range(steps)]
-    return [round(i * (T - 1) / max(1, steps - 1)) for i in range(steps)]
+        return [i * (timesteps // steps) for i in range(steps)]
+    return [round(i * (timesteps - 1) / max(1, steps - 1)) for i in range(steps)]
 
 
 @torch.inference_mode()
@@ -352,7 +361,7 @@ def ddim_sample(model, alpha_bars, z_T, steps, eta=0.0, generator=None, keep=0, 
     Unlike pixels, latents have no fixed range: the predicted z_0 is not clipped.
     """
     constants = alpha_bars.tolist()
-    taus = timestep_sequence(steps, spacing)
+    taus = timestep_sequence(steps, spacing, alpha_bars)
     z_t, kept = z_T, []
     every = max(1, steps // keep) if keep else 0
     for index in tqdm(range(steps - 1, -1, -1), desc=f"DDIM {steps} steps", leave=False):
@@ -471,7 +480,7 @@ def train_diffusion(args, latents, scale, autoencoder, config, device, start):
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
     if start is not None:
         generator.set_state(start["generator"])
-    alpha_bars = make_alpha_bars(device)
+    alpha_bars = make_alpha_bars(device, config["timesteps"])
 
     def batch_loss(indices):
         indices = indices.to(device)
@@ -551,7 +560,7 @@ def write_samples(model, autoencoder, scale, config, args, device):
     latent_shape = (config["latent_channels"], config["latent_size"], config["latent_size"])
     generator = torch.Generator(device=device).manual_seed(args.seed)
     z_T = torch.randn((args.num_samples, *latent_shape), device=device, generator=generator)
-    alpha_bars = make_alpha_bars(device)
+    alpha_bars = make_alpha_bars(device, config["timesteps"])
 
     def draw(start, count):
         z0, kept = ddim_sample(model, alpha_bars, z_T[start:start + count], args.steps, args.eta, generator,
@@ -585,7 +594,7 @@ def write_interpolation(model, autoencoder, scale, config, args, device):
     corners = torch.randn((4, *latent_shape), device=device, generator=generator)
     walks = torch.stack([interpolation.row(corners[0], corners[1], INTERPOLATION_POINTS, method)
                          for method in ("slerp", "lerp")])  # [2, K, c, h, w]
-    alpha_bars = make_alpha_bars(device)
+    alpha_bars = make_alpha_bars(device, config["timesteps"])
 
     def decode(z_T):
         z0, _ = ddim_sample(model, alpha_bars, z_T, args.steps, 0.0, spacing=args.timestep_spacing)
@@ -615,6 +624,7 @@ def make_config(args, dataset):
     return {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[-1],
             "autoencoder_width": args.autoencoder_width, "latent_channels": args.latent_channels,
             "latent_size": images.shape[-1] // 4, "kl_weight": args.kl_weight, "width": args.width,
+            "timesteps": args.timesteps or T,
             "autoencoder_steps": args.max_steps or args.autoencoder_epochs * steps_per_epoch,
             "diffusion_steps": args.max_steps or args.epochs * steps_per_epoch}
 
@@ -649,15 +659,17 @@ def stage_two(args, autoencoder, latents, scale, config, device):
     # --stage all --resume after an interrupted stage 1 finds no checkpoint.pt yet: stage 2 starts afresh.
     start = load_checkpoint(path, LESSON) if args.resume and (path.is_file() or args.stage == "diffusion") else None
     if start is not None:
+        config["timesteps"] = saved_timesteps(start["config"], args.timesteps, path)
         require_same(start["config"], config, ("dataset", "latent_channels", "autoencoder_width", "width"), path)
         scale = start["config"]["scale"]  # the scale the model was trained with, not a new measurement
     return train_diffusion(args, latents, scale, autoencoder, config, device, start), scale
 
 
-def load_for_sampling(path, device):
-    """checkpoint.pt -> (EMA U-Net, autoencoder, scale, config), all in eval mode."""
+def load_for_sampling(path, device, timesteps=None):
+    """checkpoint.pt -> (EMA U-Net, autoencoder, scale, config), all in eval mode; `timesteps` is --timesteps."""
     checkpoint = load_checkpoint(path, LESSON)
     config = checkpoint["config"]
+    config["timesteps"] = saved_timesteps(config, timesteps, path)
     model = UNet(config["latent_channels"], config["width"], (1, 2), config["latent_size"])
     model.load_state_dict(checkpoint["ema"])
     autoencoder = Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"])
@@ -679,7 +691,12 @@ def main(argv=None):
     device = pick_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sample_only:
-        model, autoencoder, scale, config = load_for_sampling(args.checkpoint or args.out / "checkpoint.pt", device)
+        path = args.checkpoint or args.out / "checkpoint.pt"
+        model, autoencoder, scale, config = load_for_sampling(path, device, args.timesteps)
+        if args.steps is not None and args.steps > config["timesteps"]:
+            raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
+                              f"trained with")
+        args.steps = args.steps or min(DEFAULT_STEPS, config["timesteps"])
         paths = write_samples(model, autoencoder, scale, config, args, device)
         if args.interpolate:
             paths += write_interpolation(model, autoencoder, scale, config, args, device)
@@ -704,6 +721,7 @@ def main(argv=None):
             args.out / "autoencoder_metrics.csv", args.out / "autoencoder_loss.png", "L1 reconstruction error per pixel")]
     if args.stage != "autoencoder":
         model, scale = stage_two(args, autoencoder, latents, scale, config, device)
+        args.steps = args.steps or min(DEFAULT_STEPS, config["timesteps"])  # T is known now, also on --resume
         compare_step_cost(model, dataset.images, (config["latent_channels"], config["latent_size"],
                                                   config["latent_size"]), args.batch_size, device, args.seed)
         paths += [args.out / "checkpoint.pt", args.out / "metrics.csv",

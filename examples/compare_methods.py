@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one folder up
 
 from utils import metrics, visualize  # noqa: E402
-from utils.runtime import SAMPLE_BATCH_SIZE, ArgumentParser, pick_device, positive_int, run, writable_dir  # noqa: E402
+from utils.runtime import (  # noqa: E402
+    SAMPLE_BATCH_SIZE, ArgumentParser, LessonError, pick_device, positive_int, run, saved_timesteps, writable_dir,
+)
 
 FIGURE_ROWS = 8
 
@@ -45,13 +47,13 @@ lesson04 = load_lesson("04_ddim_fast_sampling.py")
 
 
 def step_counts(text):
-    """argparse type: '10,20,50' -> (10, 20, 50), each between 1 and T."""
+    """argparse type: '10,20,50' -> (10, 20, 50), each at least 1 (and at most T: checked against the checkpoint)."""
     try:
         counts = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of step counts") from None
-    if not counts or min(counts) < 1 or max(counts) > lesson04.T:
-        raise argparse.ArgumentTypeError(f"step counts must lie in 1..{lesson04.T}, got {text!r}")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be at least 1, got {text!r}")
     return counts
 
 
@@ -119,8 +121,8 @@ def draw(sampler, steps, eta, model, config, noises, args, device):
     """All of `noises` [N, C, H, W] sampled in batches by "ddpm" or one of lesson 04's samplers:
     (images on the CPU, seconds)."""
     prediction = config.get("prediction", "eps")
-    schedule = lesson02.make_schedule(config["schedule"], device)
-    alpha_bars = lesson04.make_alpha_bars(config["schedule"], device)
+    schedule = lesson02.make_schedule(config["schedule"], device, config["timesteps"])
+    alpha_bars = lesson04.make_alpha_bars(config["schedule"], device, config["timesteps"])
     constants = lesson02.sampling_constants(schedule, "posterior")  # lesson 02's defaults: the posterior variance
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # the noise added along the way
     images = []
@@ -132,7 +134,7 @@ def draw(sampler, steps, eta, model, config, noises, args, device):
             # Lesson 02's sampler draws x_T itself; replay it through its steps instead, from this x_T,
             # with x0 clipped (as lesson 04's samplers clip it here).
             x_t = batch
-            for t in range(lesson02.T - 1, -1, -1):
+            for t in range(config["timesteps"] - 1, -1, -1):
                 x_t, _ = lesson02.sample_step(model, x_t, t, constants, generator, True, prediction)
             images.append(x_t.clamp(-1, 1).cpu())
         else:
@@ -142,9 +144,10 @@ def draw(sampler, steps, eta, model, config, noises, args, device):
     return torch.cat(images), time.perf_counter() - started
 
 
-def method_list(args):
-    """(sampler, steps, eta, images) of every row: DDPM-1000 first, then each fast sampler at each step count."""
-    methods = [("ddpm", lesson02.T, "", args.ddpm_samples)]
+def method_list(args, timesteps):
+    """(sampler, steps, eta, images) of every row: DDPM (all T steps) first, then each fast sampler at each step
+    count."""
+    methods = [("ddpm", timesteps, "", args.ddpm_samples)]
     if "ddim" in args.samplers:
         methods += [("ddim", steps, eta, args.num_samples) for eta in args.eta for steps in args.steps]
     if "dpm-solver++" in args.samplers:
@@ -156,6 +159,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     model, config = lesson04.load_model(args.checkpoint, device)
+    config["timesteps"] = saved_timesteps(config, None, args.checkpoint)
+    if max(args.steps) > config["timesteps"]:
+        raise LessonError(f"--steps {max(args.steps)} is more than the {config['timesteps']} timesteps "
+                          f"{args.checkpoint} was trained with")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_metrics:
         # Load (or train) the classifier first: a missing dataset should stop us before the long sampling.
@@ -163,7 +170,7 @@ def main(argv=None):
     shape = (args.num_samples, config["channels"], config["image_size"], config["image_size"])
     noises = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     rows, columns = [], []
-    for sampler, steps, eta, count in method_list(args):
+    for sampler, steps, eta, count in method_list(args, config["timesteps"]):
         images, seconds = draw(sampler, steps, eta, model, config, noises[:count], args, device)
         spacing = "" if sampler == "ddpm" else lesson04.spacing_for(sampler, args.timestep_spacing)
         row = {"method": lesson04.SAMPLER_NAMES.get(sampler, "DDPM"), "steps": steps, "eta": eta, "spacing": spacing,
@@ -191,7 +198,7 @@ def write_outputs(rows, columns, args, config, device):
         writer.writerows(rows)
     headers = ["method", "steps", "eta", "timestep spacing", "images", "wall time", "per image", "speed-up"]
     if "fd" in rows[0]:
-        headers += ["FD", "floor", "FD - floor", "vs DDPM-1000", "class entropy, bits"]
+        headers += ["FD", "floor", "FD - floor", "vs DDPM", "class entropy, bits"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [row["method"], row["steps"], row["eta"], row["spacing"], row["samples"], f"{row['seconds']:.1f} s",

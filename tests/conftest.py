@@ -135,3 +135,50 @@ def float32_on_device(monkeypatch):
     yield moved
     assert moved, "no tensor was moved to a device: the check saw nothing"
     assert torch.float64 not in moved, f"{moved.count(torch.float64)} float64 tensor(s) moved to a device"
+
+
+def assert_sampling_uses_the_ema_weights(checkpoint_path, sample_only, tmp_path):
+    """sample_only(checkpoint, out) samples from a checkpoint into `out` (same seed each time). With the raw
+    training weights ("model") scrambled the samples must stay exactly the same, and with the EMA weights
+    scrambled they must change: the samples come from the EMA weights, and only from them."""
+    import torch
+
+    state = torch.load(checkpoint_path, weights_only=True)
+
+    def scrambled(key):
+        copy = dict(state)
+        copy[key] = {name: torch.randn_like(value) if value.is_floating_point() else value
+                     for name, value in state[key].items()}
+        path = tmp_path / f"{key}-scrambled.pt"
+        torch.save(copy, path)
+        return path
+
+    def images(path, name):
+        sample_only(path, tmp_path / name)
+        return np.load(tmp_path / name / "samples.npz")["images"]
+
+    original = images(checkpoint_path, "original")
+    assert np.array_equal(images(scrambled("model"), "raw-scrambled"), original), "samples depend on the raw weights"
+    assert not np.array_equal(images(scrambled("ema"), "ema-scrambled"), original), "samples ignore the EMA weights"
+
+
+def assert_ema_update_rule(EMA, warmup=10):
+    """A lesson's own EMA: update(model, step) sets average <- d average + (1 - d) weights, with lesson 02's
+    warm-up d = min(decay, (1 + step) / (warmup + step)), checked at the start of training, during the warm-up
+    and long after it; the average never takes gradients and the trained model is left as it was."""
+    import torch
+
+    for step in (0, 50, 10**6):
+        decay = min(0.99, (1 + step) / (warmup + step))
+        model = torch.nn.Linear(3, 2)
+        ema = EMA(model, 0.99)
+        start = {name: value.clone() for name, value in ema.model.state_dict().items()}
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
+        ema.update(model, step)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, start[name] + 1.0), name
+            expected = decay * start[name] + (1 - decay) * value
+            assert torch.allclose(ema.model.state_dict()[name], expected, atol=1e-6), (step, name)
+        assert all(not parameter.requires_grad for parameter in ema.model.parameters())

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, assert_refused, run_lesson
 from utils.runtime import load_checkpoint, run
 
-TINY = ["--width", "8", "--batch-size", "32", "--num-samples", "4"]
+TINY = ["--width", "8", "--batch-size", "32", "--num-samples", "4", "--timesteps", "50"]  # T = 50: sampling is cheap
 OUTPUTS = ["forward.png", "checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif",
            "denoising.png"]
 
@@ -33,6 +33,7 @@ def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):
     assert rows[0] == "step,loss,lr,images_per_s" and rows[-1].startswith("20,")
     checkpoint = load_checkpoint(out / "checkpoint.pt", "01_ddpm_toy")
     assert checkpoint["step"] == 20 and checkpoint["config"]["dataset"] == "mnist"
+    assert checkpoint["config"]["timesteps"] == 50 and "(50 steps)" in result.stdout
 
 
 def test_sample_only_writes_samples_from_a_checkpoint(tiny_data_dir, tmp_path):
@@ -44,11 +45,15 @@ def test_sample_only_writes_samples_from_a_checkpoint(tiny_data_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert np.load(out / "samples.npz")["images"].shape == (6, 28, 28, 1)
     assert not (out / "checkpoint.pt").exists()
+    assert "(50 steps)" in result.stdout  # the checkpoint's own T, without --timesteps
+    refused = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--timesteps", 1000, "--out", out)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"error: {trained / 'checkpoint.pt'} was trained with --timesteps 50; it cannot be used with --timesteps 1000"]
 
 
 def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny_data_dir, tmp_path):
     # On the CPU: exactness is a CPU promise (GPU convolutions may be non-deterministic).
-    steps = ["--max-steps", 400, "--data-dir", tiny_data_dir, *TINY, "--num-samples", 1, "--device", "cpu"]
+    steps = ["--max-steps", 200, "--data-dir", tiny_data_dir, *TINY, "--num-samples", 1, "--device", "cpu"]
     straight = lesson("--out", tmp_path / "straight", *steps)
     assert straight.returncode == 0, straight.stderr
 
@@ -56,20 +61,20 @@ def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "split" / "metrics.csv"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 1):
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "checkpoint saved" in stderr and "Traceback" not in stderr
     stopped_at = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")["step"]
-    assert 0 < stopped_at < 400
+    assert 0 < stopped_at < 200
 
     resumed = lesson("--out", tmp_path / "split", "--resume", *steps)
     assert resumed.returncode == 0, resumed.stderr
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt", "01_ddpm_toy")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")
-    assert a["step"] == b["step"] == 400
+    assert a["step"] == b["step"] == 200
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 
@@ -86,6 +91,8 @@ def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny
     (["--epochs", "2", "--max-steps", "5"], "not allowed with argument"),
     (["--resume", "--sample-only"], "cannot be used together"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--timesteps", "20"], "--timesteps must be more than 20"),
+    (["--timesteps", "0"], "--timesteps: must be at least 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(lesson01, capsys, flags, expected):
     assert_refused(lesson01.parse_args, flags, expected, capsys)
@@ -152,6 +159,11 @@ def test_resume_with_another_architecture_is_refused(lesson01, tiny_data_dir, tm
     assert code == 1
     assert "was trained with width=8, this run has width=16" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
+    code = run_main(lesson01, ["--resume", "--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "4",
+                               *TINY[:-1], "100"])  # another T
+    assert code == 1
+    assert "was trained with --timesteps 50; it cannot be used with --timesteps 100" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def test_help_lists_every_flag(lesson01, capsys):
@@ -159,6 +171,7 @@ def test_help_lists_every_flag(lesson01, capsys):
         lesson01.parse_args(["--help"])
     text = capsys.readouterr().out
     for flag in ["--dataset", "--data-dir", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
-                 "--device", "--out", "--num-samples", "--resume", "--sample-only", "--checkpoint", "--width"]:
+                 "--device", "--out", "--num-samples", "--resume", "--sample-only", "--checkpoint", "--width",
+                 "--timesteps"]:
         assert flag in text
     assert "paper: 2e-4" in text

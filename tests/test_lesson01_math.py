@@ -32,6 +32,21 @@ def test_signal_is_gone_at_the_last_step(schedule):
     assert schedule["alpha_bars"][-1].item() < 1e-4
 
 
+@pytest.mark.parametrize("timesteps", [50, 500, 2000])
+def test_another_T_scales_the_betas_by_1000_over_T(lesson01, timesteps):
+    """--timesteps T: linear betas from 1e-4 x 1000/T to 0.02 x 1000/T, so the total noise (sum of betas) and
+    alpha_bar at the last step stay those of T = 1000."""
+    schedule = lesson01.make_schedule(torch.device("cpu"), timesteps)
+    betas = schedule["betas"].double()
+    scale = 1000 / timesteps
+    assert betas.shape == (timesteps,)
+    assert betas[0].item() == pytest.approx(1e-4 * scale) and betas[-1].item() == pytest.approx(0.02 * scale)
+    assert torch.allclose(betas[1:] - betas[:-1], torch.full_like(betas[1:], (0.02 - 1e-4) * scale / (timesteps - 1)),
+                          atol=1e-7)
+    assert schedule["alpha_bars"][-1].item() == pytest.approx(math.prod(1 - b for b in betas.tolist()), rel=1e-4)
+    assert schedule["alpha_bars"][-1].item() < 1e-4
+
+
 @pytest.mark.parametrize("t", [0, 100, 500, 999])
 def test_forward_process_matches_closed_form_mean_and_variance(lesson01, schedule, t):
     torch.manual_seed(0)
@@ -141,23 +156,30 @@ def test_sample_step_draws_from_the_true_posterior_given_the_true_noise(lesson01
     assert residual.std().item() == pytest.approx(math.sqrt(beta_t), rel=0.05)
 
 
-def test_sampling_with_the_true_noise_ends_exactly_at_the_data(lesson01, schedule):
+@pytest.mark.parametrize("timesteps", [1000, 50])
+def test_sampling_with_the_true_noise_ends_exactly_at_the_data(lesson01, timesteps):
+    schedule = lesson01.make_schedule(torch.device("cpu"), timesteps)
     target = torch.linspace(-0.9, 0.9, 28 * 28).view(1, 1, 28, 28).repeat(2, 1, 1, 1)
-    images, _ = lesson01.sample(oracle(schedule, target), schedule, (2, 1, 28, 28), torch.Generator().manual_seed(0))
+    calls = []
+    model = oracle(schedule, target)
+    images, _ = lesson01.sample(lambda x_t, t: calls.append(t[0].item()) or model(x_t, t), schedule, (2, 1, 28, 28),
+                                torch.Generator().manual_seed(0))
     assert torch.allclose(images, target, atol=1e-4)
+    assert calls == list(range(timesteps - 1, -1, -1))  # every one of the schedule's T steps, from T-1 down
 
 
-def test_sampling_shape_range_and_determinism(lesson01, schedule):
+def test_sampling_shape_range_and_determinism(lesson01):
+    schedule = lesson01.make_schedule(torch.device("cpu"), 50)  # a short chain: the checks do not need 1000 steps
     torch.manual_seed(0)
     model = lesson01.TinyUNet(1, width=8).eval()
-    first, kept = lesson01.sample(model, schedule, (3, 1, 28, 28), torch.Generator().manual_seed(5), keep={999, 0})
+    first, kept = lesson01.sample(model, schedule, (3, 1, 28, 28), torch.Generator().manual_seed(5), keep={49, 0})
     second, _ = lesson01.sample(model, schedule, (3, 1, 28, 28), torch.Generator().manual_seed(5))
     third, _ = lesson01.sample(model, schedule, (3, 1, 28, 28), torch.Generator().manual_seed(6))
     assert first.shape == (3, 1, 28, 28) and first.dtype == torch.float32
     assert first.min() >= -1 and first.max() <= 1
     assert torch.equal(first, second)
     assert not torch.equal(first, third)
-    assert set(kept) == {999, 0} and torch.equal(kept[0], first)
+    assert set(kept) == {49, 0} and torch.equal(kept[0], first)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero(lesson01):

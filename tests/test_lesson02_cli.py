@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_refused, load_lesson, run_lesson, write_idx
+from conftest import ROOT, assert_refused, assert_sampling_uses_the_ema_weights, load_lesson, run_lesson, write_idx
 from utils.runtime import load_checkpoint, run
 
-TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "2", "--warmup-steps", "5"]
+TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "2", "--warmup-steps", "5",
+        "--timesteps", "25"]  # T = 25: sampling is cheap
 OUTPUTS = ["checkpoint.pt", "samples.png", "samples.npz", "loss.png", "metrics.csv", "denoising.gif", "denoising.png",
            "schedules.png"]
 
@@ -67,6 +68,8 @@ def test_sample_only_uses_the_ema_weights(tiny_data_dir, tmp_path, lesson02):
     assert result.returncode == 0, result.stderr
     assert np.load(out / "samples.npz")["images"].shape == (3, 28, 28, 1)
     assert not (out / "checkpoint.pt").exists()
+    assert_sampling_uses_the_ema_weights(trained / "checkpoint.pt", lambda path, folder: lesson02.main(
+        ["--sample-only", "--checkpoint", str(path), "--num-samples", "2", "--out", str(folder)]), tmp_path)
 
 
 def checkpoint_states(path):

@@ -1,13 +1,16 @@
 """Lesson 03: classifier-free guidance against Ho & Salimans 2022, and the lesson from the command line."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_refused, load_lesson, run_lesson, write_idx
+from conftest import assert_ema_update_rule, assert_refused, assert_sampling_uses_the_ema_weights, load_lesson, run_lesson, write_idx
 from utils.runtime import load_checkpoint, run
 
-TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "4", "--warmup-steps", "5"]
+TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "4", "--warmup-steps", "5",
+        "--timesteps", "25"]  # T = 25: sampling is cheap
 
 
 @pytest.fixture
@@ -45,6 +48,31 @@ def trained_model(lesson03):
         lesson03.loss_fn(model, x0, labels, schedule, None, p_uncond=0.2).backward()
         optimizer.step()
     return model.eval()
+
+
+def test_cosine_schedule_and_posterior_match_the_papers(lesson03):
+    """Lesson 03's own schedule: Improved DDPM Eq. 17 (betas clipped at 0.999), and the posterior
+    q(x_{t-1} | x_t, x_0) of DDPM Eq. 7 from Bayes' rule, in float64, independent of the lesson's code."""
+    for timesteps in (1000, 25):
+        schedule = lesson03.make_schedule("cpu", timesteps)
+
+        def f(t):
+            return math.cos((t / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = torch.tensor([min(0.999, 1 - f(t + 1) / f(t)) for t in range(timesteps)], dtype=torch.float64)
+        assert torch.allclose(schedule["betas"].double(), betas, rtol=1e-5, atol=1e-7)
+        x0, x_t = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+        for t in sorted({1, 2, timesteps // 2, timesteps - 1}):
+            alpha, alpha_bar_prev = 1 - betas[t], torch.prod(1 - betas[:t])
+            precision = alpha / betas[t] + 1 / (1 - alpha_bar_prev)  # product of the two Gaussians in x_{t-1}
+            mean = (alpha.sqrt() * x_t / betas[t] + alpha_bar_prev.sqrt() * x0 / (1 - alpha_bar_prev)) / precision
+            coded = schedule["posterior_x0_weights"][t] * x0 + schedule["posterior_xt_weights"][t] * x_t
+            assert torch.allclose(coded, mean, rtol=1e-4, atol=1e-6), (timesteps, t)
+            assert schedule["posterior_variances"][t].item() == pytest.approx(1 / precision.item(), rel=1e-4)
+        assert schedule["posterior_variances"][0].item() == 0
+
+
+def test_ema_update_rule(lesson03):
+    assert_ema_update_rule(lesson03.EMA)
 
 
 def test_w_zero_is_exactly_the_conditional_prediction(lesson03, trained_model):
@@ -151,6 +179,11 @@ def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch, 
                    "--class-label", "3", "--num-samples", "2", "--guidance-scale", "0"])
     assert np.load(out / "samples.npz")["labels"].tolist() == [3, 3]
     assert not (out / "checkpoint.pt").exists()
+    with monkeypatch.context() as patch:  # the guidance sweep is not what is checked here
+        patch.setattr(lesson03, "SWEEP_WEIGHTS", (0.0,))
+        assert_sampling_uses_the_ema_weights(trained / "checkpoint.pt", lambda path, folder: lesson03.main(
+            ["--sample-only", "--checkpoint", str(path), "--out", str(folder), "--class-label", "3",
+             "--num-samples", "2"]), tmp_path)
 
 
 def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(small_data_dir, tmp_path, lesson03, monkeypatch):

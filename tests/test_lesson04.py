@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_refused, load_lesson
-from utils.runtime import run
+from conftest import assert_ema_update_rule, assert_refused, assert_sampling_uses_the_ema_weights, load_lesson
+from utils.runtime import LessonError, run
 
 
 @pytest.fixture(scope="module")
@@ -273,11 +273,28 @@ def test_lesson02_checkpoint_loads_and_predicts_the_same(tiny_data_dir, tmp_path
     assert config["schedule"] == "cosine"
 
 
+def test_sampling_uses_the_ema_weights_of_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson02, lesson04):
+    from utils.visualize import save_samples_npz
+
+    l02 = tmp_path / "l02"
+    lesson02.main(["--data-dir", str(tiny_data_dir), "--out", str(l02), "--max-steps", "3", "--width", "8",
+                   "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1", "--timesteps", "25"])
+
+    def sample_only(path, folder):  # what lesson 04 does with --checkpoint, without its other figures
+        model, config = lesson04.load_model(path, "cpu")
+        alpha_bars = lesson04.make_alpha_bars(config["schedule"], "cpu", 25)
+        x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        folder.mkdir()
+        save_samples_npz(lesson04.sample(model, alpha_bars, x_T, 5, prediction=config["prediction"])[0],
+                         folder / "samples.npz")
+    assert_sampling_uses_the_ema_weights(l02 / "checkpoint.pt", sample_only, tmp_path)
+
+
 def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson02, lesson04, capsys,
                                                   float32_on_device):
     l02 = tmp_path / "l02"
     lesson02.main(["--data-dir", str(tiny_data_dir), "--out", str(l02), "--max-steps", "3", "--width", "8",
-                   "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1"])
+                   "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1", "--timesteps", "25"])
     out = tmp_path / "l04"
     lesson04.main(["--checkpoint", str(l02 / "checkpoint.pt"), "--data-dir", str(tiny_data_dir), "--out", str(out),
                    "--steps", "5", "--num-samples", "3", "--sample-batch-size", "2", "--interpolate"])
@@ -287,6 +304,14 @@ def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson0
     assert np.load(out / "samples.npz")["images"].shape == (3, 28, 28, 1)
     printed = capsys.readouterr().out
     assert "reconstruction RMS error" in printed and "times the norm" in printed
+    # The checkpoint's T = 25 decides which step counts exist: inversion at 5, 10 and 20 steps, never 50.
+    assert "inversion with 20 steps" in printed and "inversion with 50 steps" not in printed
+    with pytest.raises(LessonError, match="--steps 30 is more than the 25 timesteps"):
+        lesson04.main(["--checkpoint", str(l02 / "checkpoint.pt"), "--data-dir", str(tiny_data_dir), "--out",
+                       str(out), "--steps", "30"])
+    with pytest.raises(LessonError, match="trained with --timesteps 25; it cannot be used with --timesteps 1000"):
+        lesson04.main(["--checkpoint", str(l02 / "checkpoint.pt"), "--data-dir", str(tiny_data_dir), "--out",
+                       str(out), "--timesteps", "1000"])
     assert len(imageio.mimread(out / "interpolation.gif")) == 2 * lesson04.INTERPOLATION_POINTS - 2
     grid = imageio.imread(out / "interpolation_grid.png")
     assert grid.shape[0] == grid.shape[1]  # 5 x 5 images
@@ -322,11 +347,11 @@ def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_d
     monkeypatch.setattr(lesson04, "INVERSION_STEPS", (2,))
     out = tmp_path / "out"
     tiny = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--width", "8", "--channel-mults", "1,2",
-            "--batch-size", "16", "--steps", "4", "--num-samples", "2"]
+            "--batch-size", "16", "--steps", "4", "--num-samples", "2", "--timesteps", "25"]
     lesson04.main([*tiny, "--max-steps", "6"])
     assert "trained in" in capsys.readouterr().out
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["lesson"] == "04_ddim_fast_sampling" and state["step"] == 6
+    assert state["lesson"] == "04_ddim_fast_sampling" and state["step"] == 6 and state["config"]["timesteps"] == 25
     assert (out / "metrics.csv").read_text().splitlines()[-1].startswith("6,")
     lesson04.main([*tiny, "--max-steps", "9", "--resume"])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 9
@@ -369,3 +394,7 @@ def test_inversion_then_sampling_reconstructs_training_images_on_a_trained_model
     assert error < 0.15, error
     distances = torch.cdist(back.flatten(1), patterns.flatten(1))  # 4 x 10
     assert distances.argmin(dim=1).tolist() == [0, 3, 6, 9]
+
+
+def test_ema_update_rule(lesson04):
+    assert_ema_update_rule(lesson04.EMA)

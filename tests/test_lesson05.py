@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_refused, class_pictures, load_lesson, write_idx
+from conftest import assert_ema_update_rule, assert_refused, assert_sampling_uses_the_ema_weights, class_pictures, load_lesson, write_idx
 from utils.runtime import run
 
 
@@ -25,7 +25,7 @@ def small_data_dir(tmp_path):
 
 
 TINY = ["--autoencoder-width", "8", "--width", "8", "--batch-size", "32", "--steps", "5", "--num-samples", "4",
-        "--device", "cpu"]
+        "--device", "cpu", "--timesteps", "25"]
 
 
 @pytest.mark.parametrize("channels,size,latent_size", [(1, 28, 7), (3, 32, 8)])
@@ -151,6 +151,14 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, fl
     assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
     for name in ("interpolation.png", "interpolation.gif", "interpolation_grid.png"):
         assert (out / name).stat().st_size > 0 and f"wrote {out / name}" in third.stdout
+    # The checkpoint keeps its T = 25: sampling takes it from there, and refuses more steps than it has.
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["timesteps"] == 25
+    default_steps = lesson("--sample-only", "--out", out, "--num-samples", "1", "--device", "cpu")
+    assert default_steps.returncode == 0 and "(25 DDIM steps" in default_steps.stdout  # min(200, T)
+    too_many = lesson("--sample-only", "--out", out, "--steps", "30")
+    assert too_many.returncode == 1 and "--steps 30 is more than the 25 timesteps" in too_many.stderr
+    assert_sampling_uses_the_ema_weights(out / "checkpoint.pt", lambda path, folder: lesson(
+        "--sample-only", "--checkpoint", path, "--out", folder, *TINY), tmp_path)
 
 
 def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson):
@@ -215,3 +223,7 @@ def test_cifar_shaped_data_gives_8x8x4_latents_and_colour_samples(tmp_path, less
     config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
     assert (config["channels"], config["latent_size"]) == (3, 8)
     assert (out / "latents.png").stat().st_size > 0
+
+
+def test_ema_update_rule(lesson05):
+    assert_ema_update_rule(lesson05.EMA)

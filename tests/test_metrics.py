@@ -1,5 +1,6 @@
 """utils/metrics.py: the Frechet distance, the cached classifier, class accuracy and entropy, input layouts."""
 import json
+import math
 import subprocess
 import sys
 
@@ -38,6 +39,28 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     sd_a, sd_b = torch.tensor([1.0, 2.0, 0.5]).double(), torch.tensor([3.0, 1.0, 0.5]).double()
     distance = metrics.frechet_distance((mu_a, torch.diag(sd_a ** 2)), (mu_b, torch.diag(sd_b ** 2)))
     assert distance == pytest.approx(((mu_a - mu_b) ** 2).sum().item() + ((sd_a - sd_b) ** 2).sum().item())
+
+
+def test_frechet_distance_matches_the_closed_form_for_non_commuting_2d_covariances():
+    """For 2 x 2 covariances, Tr((S_a S_b)^(1/2)) = sqrt(Tr(S_a S_b) + 2 sqrt(det S_a det S_b)): the two
+    eigenvalues l1, l2 of S_a S_b are real and positive, and sqrt(l1) + sqrt(l2) = sqrt(l1 + l2 + 2 sqrt(l1 l2)).
+    Rotated covariances do not commute, so a wrong matrix square root (of S_a S_b taken elementwise, or
+    S_a^(1/2) S_b^(1/2)) gives another number; diagonal ones would hide it."""
+    def rotated(angle, variances):
+        c, s = math.cos(angle), math.sin(angle)
+        rotation = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+        return rotation @ torch.diag(torch.tensor(variances, dtype=torch.float64)) @ rotation.T
+
+    mu_a, mu_b = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+    for angle_a, angle_b, variances_a, variances_b in ((0.0, 0.7, [4.0, 0.25], [1.0, 9.0]),
+                                                        (0.3, 1.2, [2.0, 0.1], [0.5, 3.0])):
+        cov_a, cov_b = rotated(angle_a, variances_a), rotated(angle_b, variances_b)
+        assert not torch.allclose(cov_a @ cov_b, cov_b @ cov_a)
+        trace_sqrt = math.sqrt(torch.trace(cov_a @ cov_b).item()
+                               + 2 * math.sqrt(torch.det(cov_a).item() * torch.det(cov_b).item()))
+        expected = ((mu_a - mu_b) ** 2).sum().item() + torch.trace(cov_a + cov_b).item() - 2 * trace_sqrt
+        assert metrics.frechet_distance((mu_a, cov_a), (mu_b, cov_b)) == pytest.approx(expected, rel=1e-9)
+        assert metrics.frechet_distance((mu_b, cov_b), (mu_a, cov_a)) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_grows_with_the_shift_of_the_mean():

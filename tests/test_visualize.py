@@ -82,6 +82,16 @@ def test_forward_steps_cover_clean_to_pure_noise():
     assert visualize.forward_steps(1000) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999]
 
 
+def test_strip_and_gif_steps_follow_T():
+    assert visualize.strip_steps(1000) == [999, 800, 600, 400, 300, 200, 100, 50, 0]  # the lessons' strip at T = 1000
+    for T in (2, 5, 25, 50, 2000):
+        strip, gif = visualize.strip_steps(T), visualize.gif_steps(T, 40)
+        assert strip[0] == T - 1 and strip[-1] == 0 and strip == sorted(set(strip), reverse=True), (T, strip)
+        assert gif[0] == T - 1 and gif[-1] == 0 and gif == sorted(set(gif), reverse=True), (T, gif)
+        assert len(gif) <= min(T, 41)  # about 40 frames, at most one per step
+    assert visualize.gif_steps(25, 40) == list(range(24, -1, -1))
+
+
 def test_figure_schedules_are_the_lessons_schedules(lesson01):
     from conftest import load_lesson
 

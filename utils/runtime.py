@@ -188,6 +188,16 @@ def require_same(saved_config, config, keys, path):
             )
 
 
+def saved_timesteps(config, chosen, path, default=1000):
+    """The number of diffusion steps T to use with a checkpoint: the one in its config (`default` for checkpoints
+    saved before --timesteps existed). A network trained for one T does not fit another: raises LessonError
+    when --timesteps (`chosen`, None when not given) asks for a different one."""
+    saved = config.get("timesteps", default)
+    if chosen is not None and chosen != saved:
+        raise LessonError(f"{path} was trained with --timesteps {saved}; it cannot be used with --timesteps {chosen}")
+    return saved
+
+
 SAMPLE_BATCH_SIZE = 64  # images per sampling batch: within 8% of the fastest per image for the 28x28 networks
 # of lessons 01-04, where one batch of 1000 ran 2.3-3.2x slower per image (benchmarks/sample_batch.py, README)
 

@@ -175,6 +175,18 @@ def save_loss_curves(metrics_csvs, path, labels=None, ylabel="training loss"):
 
 # --- the forward and reverse processes ---
 
+def strip_steps(T):
+    """The timesteps a denoising strip shows for a T-step sampler, from noise to image: 999, 800, 600, 400, 300,
+    200, 100, 50, 0 at T = 1000, the same fractions of T otherwise (repeats dropped at small T)."""
+    steps = [T - 1] + [min(T - 1, round(fraction * T)) for fraction in (0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05, 0.0)]
+    return [step for index, step in enumerate(steps) if step not in steps[:index]]
+
+
+def gif_steps(T, frames):
+    """About `frames` timesteps, evenly spaced from T - 1 down to 0, for a denoising GIF of a T-step sampler."""
+    return sorted(set(range(T - 1, -1, -math.ceil(T / frames))) | {0}, reverse=True)
+
+
 def forward_steps(T, count=10):
     """Timesteps 0, T/count, 2T/count, ..., T-1 (0-based): where the forward-process figure looks."""
     return [round(index * T / count) for index in range(count)] + [T - 1]
