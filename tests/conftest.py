@@ -28,6 +28,27 @@ def run_lesson(filename, *args, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def run_in_process(main, prog, *args, capsys):
+    """Run a lesson's command line, main(argv) through utils.runtime.run as `python PROG ARGS` does (one-line
+    errors, exit codes 1, 2 and 130), but in this interpreter: a fresh one spends about 5 s importing torch.
+    -> an object with returncode, stdout and stderr. `prog` is the file name argparse shows in its errors."""
+    from types import SimpleNamespace
+
+    from utils.runtime import run
+
+    capsys.readouterr()  # start from a clean capture
+    saved_argv0, sys.argv[0] = sys.argv[0], prog
+    try:
+        run(lambda: main([str(arg) for arg in args]))
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        sys.argv[0] = saved_argv0
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
 def assert_refused(parse_args, argv, expected, capsys):
     """parse_args(argv) must exit with code 2 and print exactly one line containing `expected`."""
     with pytest.raises(SystemExit) as exit_info:

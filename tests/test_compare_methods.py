@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from conftest import assert_refused, load_lesson, run_lesson, write_learnable_mnist
+from conftest import assert_refused, load_lesson, run_in_process, write_learnable_mnist
 from utils.runtime import LessonError
 
 
@@ -60,6 +60,7 @@ def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, compare, caps
     assert_refused(compare.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
 
 
-def test_a_missing_checkpoint_is_one_line(tmp_path):
-    result = run_lesson("examples/compare_methods.py", "--checkpoint", tmp_path / "none.pt", "--out", tmp_path)
+def test_a_missing_checkpoint_is_one_line(tmp_path, compare, capsys):
+    result = run_in_process(compare.main, "compare_methods.py", "--checkpoint", tmp_path / "none.pt", "--out",
+                            tmp_path, capsys=capsys)
     assert result.returncode == 1 and result.stderr.strip() == f"error: no checkpoint at {tmp_path / 'none.pt'}"

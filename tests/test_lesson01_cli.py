@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_refused, run_lesson
+from conftest import ROOT, assert_refused, run_in_process, run_lesson
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--batch-size", "32", "--num-samples", "4", "--timesteps", "50"]  # T = 50: sampling is cheap
@@ -18,6 +18,12 @@ OUTPUTS = ["forward.png", "checkpoint.pt", "samples.png", "samples.npz", "loss.p
 
 def lesson(*args):
     return run_lesson("01_ddpm_toy.py", *args)
+
+
+@pytest.fixture
+def cli(lesson01, capsys):
+    """`python 01_ddpm_toy.py ARGS` in this process (conftest.run_in_process): -> returncode, stdout, stderr."""
+    return lambda *args: run_in_process(lesson01.main, "01_ddpm_toy.py", *args, capsys=capsys)
 
 
 def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):
@@ -36,25 +42,26 @@ def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):
     assert checkpoint["config"]["timesteps"] == 50 and "(50 steps)" in result.stdout
 
 
-def test_sample_only_writes_samples_from_a_checkpoint(tiny_data_dir, tmp_path):
+def test_sample_only_writes_samples_from_a_checkpoint(tiny_data_dir, tmp_path, cli):
     trained = tmp_path / "trained"
-    assert lesson("--data-dir", tiny_data_dir, "--out", trained, "--max-steps", 5, *TINY).returncode == 0
+    assert cli("--data-dir", tiny_data_dir, "--out", trained, "--max-steps", 5, *TINY).returncode == 0
     out = tmp_path / "sampled"
-    result = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 6,
-                    "--sample-batch-size", 4, "--out", out)  # batches of 4 and 2
+    result = cli("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 6,
+                 "--sample-batch-size", 4, "--out", out)  # batches of 4 and 2
     assert result.returncode == 0, result.stderr
     assert np.load(out / "samples.npz")["images"].shape == (6, 28, 28, 1)
     assert not (out / "checkpoint.pt").exists()
     assert "(50 steps)" in result.stdout  # the checkpoint's own T, without --timesteps
-    refused = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--timesteps", 1000, "--out", out)
+    refused = cli("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--timesteps", 1000, "--out", out)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
         f"error: {trained / 'checkpoint.pt'} was trained with --timesteps 50; it cannot be used with --timesteps 1000"]
 
 
-def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny_data_dir, tmp_path):
-    # On the CPU: exactness is a CPU promise (GPU convolutions may be non-deterministic).
-    steps = ["--max-steps", 200, "--data-dir", tiny_data_dir, *TINY, "--num-samples", 1, "--device", "cpu"]
-    straight = lesson("--out", tmp_path / "straight", *steps)
+def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny_data_dir, tmp_path, cli):
+    # On the CPU: exactness is a CPU promise (GPU convolutions may be non-deterministic). Only the interrupted
+    # run needs its own process (it gets the signal); the other two run in this one.
+    steps = ["--max-steps", 100, "--data-dir", tiny_data_dir, *TINY, "--num-samples", 1, "--device", "cpu"]
+    straight = cli("--out", tmp_path / "straight", *steps)
     assert straight.returncode == 0, straight.stderr
 
     command = [sys.executable, str(ROOT / "01_ddpm_toy.py"), "--out", str(tmp_path / "split"), *map(str, steps)]
@@ -68,13 +75,13 @@ def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny
     assert process.returncode == 130, stderr
     assert "checkpoint saved" in stderr and "Traceback" not in stderr
     stopped_at = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")["step"]
-    assert 0 < stopped_at < 200
+    assert 0 < stopped_at < 100
 
-    resumed = lesson("--out", tmp_path / "split", "--resume", *steps)
+    resumed = cli("--out", tmp_path / "split", "--resume", *steps)
     assert resumed.returncode == 0, resumed.stderr
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt", "01_ddpm_toy")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")
-    assert a["step"] == b["step"] == 200
+    assert a["step"] == b["step"] == 100
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 
@@ -98,10 +105,10 @@ def test_bad_flags_exit_2_with_one_line(lesson01, capsys, flags, expected):
     assert_refused(lesson01.parse_args, flags, expected, capsys)
 
 
-def test_unwritable_output_folder_is_refused_before_any_work(tmp_path):
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, cli):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = lesson("--out", blocker / "out", "--data-dir", tmp_path / "nothing")
+    result = cli("--out", blocker / "out", "--data-dir", tmp_path / "nothing")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"01_ddpm_toy.py: error: argument --out: cannot create "
                                                   f"{blocker / 'out'}: {blocker} is a file"]

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_refused, assert_sampling_uses_the_ema_weights, load_lesson, run_lesson, write_idx
+from conftest import (
+    ROOT, assert_refused, assert_sampling_uses_the_ema_weights, load_lesson, run_in_process, run_lesson, write_idx,
+)
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "2", "--warmup-steps", "5",
@@ -25,6 +27,12 @@ def lesson02():
 
 def lesson(*args):
     return run_lesson("02_ddpm.py", *args)
+
+
+@pytest.fixture
+def cli(lesson02, capsys):
+    """`python 02_ddpm.py ARGS` in this process (conftest.run_in_process): -> returncode, stdout, stderr."""
+    return lambda *args: run_in_process(lesson02.main, "02_ddpm.py", *args, capsys=capsys)
 
 
 def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):
@@ -59,12 +67,12 @@ def test_cifar_shaped_data_trains_and_samples(tmp_path, lesson02, monkeypatch, f
     assert load_checkpoint(out / "checkpoint.pt", "02_ddpm")["config"]["channels"] == 3
 
 
-def test_sample_only_uses_the_ema_weights(tiny_data_dir, tmp_path, lesson02):
+def test_sample_only_uses_the_ema_weights(tiny_data_dir, tmp_path, lesson02, cli):
     trained = tmp_path / "trained"
     lesson02.main(["--data-dir", str(tiny_data_dir), "--out", str(trained), "--max-steps", "4", *TINY])
     out = tmp_path / "sampled"
-    result = lesson("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 3, "--out", out,
-                    "--variance", "beta", "--no-clip-x0", "--sample-batch-size", 2)
+    result = cli("--sample-only", "--checkpoint", trained / "checkpoint.pt", "--num-samples", 3, "--out", out,
+                 "--variance", "beta", "--no-clip-x0", "--sample-batch-size", 2)
     assert result.returncode == 0, result.stderr
     assert np.load(out / "samples.npz")["images"].shape == (3, 28, 28, 1)
     assert not (out / "checkpoint.pt").exists()
@@ -87,8 +95,10 @@ def assert_same_states(a, b):
             assert torch.equal(tensor, b[3][index][key]), (index, key)
 
 
-def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(tiny_data_dir, tmp_path, lesson02):
+def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(tiny_data_dir, tmp_path, lesson02, monkeypatch):
     # Dropout on, so that the random state of dropout must be restored too.
+    monkeypatch.setattr(lesson02, "write_samples", lambda *arguments: [])  # the training state is what counts
+    monkeypatch.setattr(lesson02.visualize, "save_schedules", lambda *arguments: "schedules.png")
     common = ["--data-dir", str(tiny_data_dir), *TINY, "--dropout", "0.1", "--num-samples", "1", "--device", "cpu"]
     lesson02.main(["--out", str(tmp_path / "straight"), "--max-steps", "24", *common])
     lesson02.main(["--out", str(tmp_path / "split"), "--max-steps", "12", *common])
@@ -178,17 +188,17 @@ def test_resume_refuses_a_different_architecture(tiny_data_dir, tmp_path, lesson
     assert "schedule=cosine, this run has schedule=linear" in capsys.readouterr().err
 
 
-def test_resume_without_a_checkpoint_fails_loudly(tiny_data_dir, tmp_path):
-    result = lesson("--data-dir", tiny_data_dir, "--out", tmp_path / "empty", "--resume", *TINY)
+def test_resume_without_a_checkpoint_fails_loudly(tiny_data_dir, tmp_path, cli):
+    result = cli("--data-dir", tiny_data_dir, "--out", tmp_path / "empty", "--resume", *TINY)
     assert result.returncode == 1 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_lesson01_checkpoint_is_refused(tmp_path):
+def test_lesson01_checkpoint_is_refused(tmp_path, cli):
     from utils.runtime import CHECKPOINT_FORMAT, save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": "01_ddpm_toy", "config": {}}, path)
-    result = lesson("--sample-only", "--checkpoint", path, "--out", tmp_path / "out")
+    result = cli("--sample-only", "--checkpoint", path, "--out", tmp_path / "out")
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {path} is a checkpoint of lesson 01_ddpm_toy, not of 02_ddpm"
 
@@ -211,24 +221,24 @@ def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, lesson02, cap
     assert_refused(lesson02.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
 
 
-def test_a_bad_flag_on_the_command_line_stops_before_any_work(tmp_path):
-    result = lesson("--out", tmp_path / "out", "--epochs", "0")
+def test_a_bad_flag_on_the_command_line_stops_before_any_work(tmp_path, cli):
+    result = cli("--out", tmp_path / "out", "--epochs", "0")
     assert result.returncode == 2
     assert result.stderr.strip().endswith("error: argument --epochs: must be at least 1, got 0")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_mixed_precision_on_cpu_is_refused_not_swapped(tiny_data_dir, tmp_path):
-    result = lesson("--data-dir", tiny_data_dir, "--out", tmp_path / "out", "--precision", "fp16", *TINY,
-                    "--max-steps", "2", "--device", "cpu")
+def test_mixed_precision_on_cpu_is_refused_not_swapped(tiny_data_dir, tmp_path, cli):
+    result = cli("--data-dir", tiny_data_dir, "--out", tmp_path / "out", "--precision", "fp16", *TINY,
+                 "--max-steps", "2", "--device", "cpu")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --precision fp16 needs a CUDA device; on cpu use --precision fp32"
 
 
-def test_images_too_small_for_the_levels_are_refused(tmp_path):
+def test_images_too_small_for_the_levels_are_refused(tmp_path, cli):
     data_dir = tmp_path / "data"
     write_idx(data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((64, 28, 28)))
     write_idx(data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(64))
-    result = lesson("--data-dir", data_dir, "--out", tmp_path / "out", "--channel-mults", "1,2,2,2", "--width", "8")
+    result = cli("--data-dir", data_dir, "--out", tmp_path / "out", "--channel-mults", "1,2,2,2", "--width", "8")
     assert result.returncode == 1
     assert "too small to halve 3 times" in result.stderr and "Traceback" not in result.stderr

@@ -196,7 +196,7 @@ def test_training_lowers_the_loss(lesson02):
             return sum(lesson02.loss_fn(model, x0, schedule, g).item() for _ in range(10)) / 10
 
     before = mean_loss()
-    for _ in range(150):
+    for _ in range(80):  # measured: the loss falls to 0.10 of where it started (0.13 after 60 steps)
         optimizer.zero_grad()
         lesson02.loss_fn(model, x0, schedule, generator).backward()
         optimizer.step()

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_ema_update_rule, assert_refused, assert_sampling_uses_the_ema_weights, load_lesson, run_lesson, write_idx
+from conftest import (
+    assert_ema_update_rule, assert_refused, assert_sampling_uses_the_ema_weights, load_lesson, run_in_process,
+    run_lesson, write_idx,
+)
 from utils.runtime import load_checkpoint, run
 
 TINY = ["--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "4", "--warmup-steps", "5",
@@ -136,7 +139,7 @@ def test_training_lowers_the_loss(lesson03):
 
     before = mean_loss()
     generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    for _ in range(80):  # measured: the loss falls to 0.10 of where it started (0.12 after 60 steps)
         optimizer.zero_grad()
         lesson03.loss_fn(model, x0, labels, schedule, generator, 0.1).backward()
         optimizer.step()
@@ -213,8 +216,9 @@ def test_bad_flags_exit_2_with_one_line(flags, expected, lesson03, capsys, tmp_p
     assert_refused(lesson03.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
 
 
-def test_class_label_out_of_range_from_the_command_line(tmp_path):
-    result = lesson("--out", tmp_path / "out", "--class-label", "12")
+def test_class_label_out_of_range_from_the_command_line(tmp_path, lesson03, capsys):
+    result = run_in_process(lesson03.main, "03_conditional_ddpm.py", "--out", tmp_path / "out", "--class-label", "12",
+                            capsys=capsys)
     assert result.returncode == 2 and "--class-label must be between 0 and 9" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 

@@ -261,7 +261,7 @@ def test_lesson02_checkpoint_loads_and_predicts_the_same(tiny_data_dir, tmp_path
     """04's copy of the network must stay compatible with 02's checkpoints."""
     out = tmp_path / "l02"
     common = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "3", "--width", "8",
-              "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1"]
+              "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1", "--timesteps", "25"]
     lesson02.main(common)
     model04, config = lesson04.load_model(out / "checkpoint.pt", "cpu")
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -377,7 +377,7 @@ def test_inversion_then_sampling_reconstructs_training_images_on_a_trained_model
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(600):
+    for _ in range(200):  # measured: reconstruction error 0.058 after 200 steps, 0.028 after 300, 0.022 after 600
         loss = lesson04.loss_fn(model, patterns[torch.randint(0, 10, (64,), generator=generator)], alpha_bars,
                                 generator)
         optimizer.zero_grad()

@@ -45,6 +45,30 @@ def test_kl_matches_the_closed_form_of_torch_distributions(lesson05):
     assert lesson05.kl_divergence(torch.zeros(5), torch.zeros(5)).abs().max() == 0  # q = p: no divergence
 
 
+def test_the_loss_actually_used_is_l1_plus_the_weighted_kl_of_the_reparameterised_draw(lesson05):
+    """autoencoder_loss on a stand-in autoencoder with known encoder outputs and an identity decoder: the loss
+    must be |z - x| + kl_weight KL(N(mean, sigma^2) || N(0, 1)), z = mean + sigma eps (Kingma & Welling 2014,
+    Section 2.4 and Appendix B), with the KL from torch.distributions and eps from the same generator."""
+    generator = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator) - 1
+    x = torch.randn(2, 4, 3, 3, generator=generator)
+
+    class StandIn:
+        def encode(self, images):
+            return mean, logvar
+
+        def decode(self, z):
+            return z
+
+    loss, l1 = lesson05.autoencoder_loss(StandIn(), x, 0.3, torch.Generator().manual_seed(7))
+    sigma = (0.5 * logvar).exp()
+    z = mean + sigma * torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, sigma), torch.distributions.Normal(0.0, 1.0))
+    assert l1.item() == pytest.approx((z - x).abs().mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(l1.item() + 0.3 * kl.mean().item(), rel=1e-5)
+    assert kl.mean().item() > 0.1  # the KL term is not negligible here: a wrong sign or weight shows
+
+
 def test_the_scale_factor_gives_unit_standard_deviation(lesson05):
     generator = torch.Generator().manual_seed(0)
     means = 5 * torch.randn(512, 4, 7, 7, generator=generator) + 2
@@ -159,6 +183,32 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, fl
     assert too_many.returncode == 1 and "--steps 30 is more than the 25 timesteps" in too_many.stderr
     assert_sampling_uses_the_ema_weights(out / "checkpoint.pt", lambda path, folder: lesson(
         "--sample-only", "--checkpoint", path, "--out", folder, *TINY), tmp_path)
+
+
+def test_latents_are_scaled_for_the_diffusion_model_and_unscaled_for_the_decoder(small_data_dir, tmp_path, lesson05,
+                                                                                lesson, monkeypatch):
+    """LDM Section 4.3.2, on a real run: the diffusion model trains on z0 = z x scale (unit variance), and the
+    sampler's z0 is divided by the same scale before it is decoded."""
+    seen, sampled, decoded = [], [], []
+    real_loss, real_ddim, real_decode = lesson05.loss_fn, lesson05.ddim_sample, lesson05.Autoencoder.decode
+    real_encode = lesson05.encode_dataset  # a briefly trained autoencoder's latents have std near 1: make it 3
+    monkeypatch.setattr(lesson05, "encode_dataset", lambda *arguments, **options: tuple(
+        3 * part for part in real_encode(*arguments, **options)))
+    monkeypatch.setattr(lesson05, "loss_fn", lambda model, z0, *rest: seen.append(z0) or real_loss(model, z0, *rest))
+
+    def ddim(*arguments, **options):
+        z0, kept = real_ddim(*arguments, **options)
+        sampled.append(z0)
+        return z0, kept
+    monkeypatch.setattr(lesson05, "ddim_sample", ddim)
+    monkeypatch.setattr(lesson05.Autoencoder, "decode", lambda self, z: decoded.append(z) or real_decode(self, z))
+    out = tmp_path / "out"
+    assert lesson("--data-dir", small_data_dir, "--out", out, "--max-steps", "20", *TINY).returncode == 0
+    scale = torch.load(out / "checkpoint.pt", weights_only=True)["config"]["scale"]
+    z0 = torch.cat([batch.detach() for batch in seen[:20]])  # the 20 training steps (a timing step follows)
+    assert abs(1 / scale - 1) > 0.2, scale  # unscaled latents would show (their std is 1 / scale)
+    assert z0.std().item() == pytest.approx(1.0, abs=0.1)
+    assert any(z.shape == sampled[0].shape and torch.allclose(z, sampled[0] / scale) for z in decoded)
 
 
 def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, class_pictures, write_learnable_mnist
+from conftest import ROOT, class_pictures, run_in_process, write_learnable_mnist
 from utils import metrics
 
 
@@ -118,7 +118,7 @@ def test_class_entropy():
     assert metrics.class_entropy_bits(torch.tensor([0, 1] * 5)) == pytest.approx(1.0)
 
 
-def test_command_line_prints_one_json_line(scored, tmp_path):
+def test_command_line_prints_one_json_line(scored, tmp_path, capsys):
     images, labels = class_pictures(40, seed=4)
     np.savez(tmp_path / "samples.npz", images=images[..., None], labels=labels)
     command = [sys.executable, "-m", "utils.metrics", str(tmp_path / "samples.npz"), "--dataset", "mnist",
@@ -129,6 +129,5 @@ def test_command_line_prints_one_json_line(scored, tmp_path):
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert result["samples"] == 40 and result["class_accuracy"] > 0.9 and "fd_real_floor" in result
-    missing = subprocess.run(command[:3] + [str(tmp_path / "none.npz")] + command[4:], capture_output=True,
-                             text=True, cwd=ROOT, timeout=120)
+    missing = run_in_process(metrics.main, "metrics.py", tmp_path / "none.npz", *command[4:], capsys=capsys)
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "no file" in missing.stderr
