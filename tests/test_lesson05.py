@@ -1,4 +1,5 @@
 """Lesson 05: the autoencoder against Kingma & Welling, the latent scale, the latent sampler, both stages' CLI."""
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -117,6 +118,22 @@ def test_ddim_in_latent_space_reaches_the_single_data_point_of_an_exact_model(le
     assert len(kept) == 5
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_latent_ddim_noise_is_eq_16(lesson05, eta):
+    """Lesson 05's own DDIM step adds noise of standard deviation sigma = eta sqrt((1 - alpha_bar_prev) /
+    (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev) (DDIM Eq. 16). With eps_pred = 0 and z_T = 0, two
+    steps (t = 999 -> 499 -> clean) end at sigma z / sqrt(alpha_bar_499): their spread measures sigma."""
+    alpha_bars = lesson05.make_alpha_bars("cpu")
+    z_T = torch.zeros(20000, 1, 1, 1)
+    z0, _ = lesson05.ddim_sample(lambda z, t: torch.zeros_like(z), alpha_bars, z_T, 2, eta,
+                                 torch.Generator().manual_seed(0))
+    low, high = lesson05.timestep_sequence(2)
+    assert (low, high) == (499, 999)
+    alpha_bar_t, alpha_bar_prev = alpha_bars[high].double().item(), alpha_bars[low].double().item()
+    sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    assert z0.std().item() == pytest.approx(sigma / math.sqrt(alpha_bar_prev), rel=0.03)  # 20000 draws: 0.5% s.e.
+
+
 def test_latent_ddim_from_T_minus_1_is_unbiased(lesson05):
     """Lesson 05's own timestep sequence: with the exact denoiser of two equally likely 28x28 "latents" (-1, 0.5),
     deterministic DDIM must draw each half of the time. The DDIM paper's leading spacing starts at t = 980 for 50
@@ -189,7 +206,7 @@ def test_latents_are_scaled_for_the_diffusion_model_and_unscaled_for_the_decoder
                                                                                 lesson, monkeypatch):
     """LDM Section 4.3.2, on a real run: the diffusion model trains on z0 = z x scale (unit variance), and the
     sampler's z0 is divided by the same scale before it is decoded."""
-    seen, sampled, decoded = [], [], []
+    seen, events = [], []  # events: ("sampled", z0) and ("decoded", z) in the order they happen
     real_loss, real_ddim, real_decode = lesson05.loss_fn, lesson05.ddim_sample, lesson05.Autoencoder.decode
     real_encode = lesson05.encode_dataset  # a briefly trained autoencoder's latents have std near 1: make it 3
     monkeypatch.setattr(lesson05, "encode_dataset", lambda *arguments, **options: tuple(
@@ -198,17 +215,20 @@ def test_latents_are_scaled_for_the_diffusion_model_and_unscaled_for_the_decoder
 
     def ddim(*arguments, **options):
         z0, kept = real_ddim(*arguments, **options)
-        sampled.append(z0)
+        events.append(("sampled", z0))
         return z0, kept
     monkeypatch.setattr(lesson05, "ddim_sample", ddim)
-    monkeypatch.setattr(lesson05.Autoencoder, "decode", lambda self, z: decoded.append(z) or real_decode(self, z))
+    monkeypatch.setattr(lesson05.Autoencoder, "decode",
+                        lambda self, z: events.append(("decoded", z)) or real_decode(self, z))
     out = tmp_path / "out"
     assert lesson("--data-dir", small_data_dir, "--out", out, "--max-steps", "20", *TINY).returncode == 0
     scale = torch.load(out / "checkpoint.pt", weights_only=True)["config"]["scale"]
     z0 = torch.cat([batch.detach() for batch in seen[:20]])  # the 20 training steps (a timing step follows)
     assert abs(1 / scale - 1) > 0.2, scale  # unscaled latents would show (their std is 1 / scale)
     assert z0.std().item() == pytest.approx(1.0, abs=0.1)
-    assert any(z.shape == sampled[0].shape and torch.allclose(z, sampled[0] / scale) for z in decoded)
+    first = next(index for index, (kind, _) in enumerate(events) if kind == "sampled")
+    (kind, decoded), sampled = events[first + 1], events[first][1]  # the samples' decode, right after sampling
+    assert kind == "decoded" and torch.allclose(decoded, sampled / scale)
 
 
 def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson):
