@@ -90,13 +90,13 @@ def test_network_output_depends_on_timestep(lesson01):
 def test_network_learns_to_follow_the_mean_brightness_of_its_input(lesson01):
     # At t = T the noise to predict is x_t itself. GroupNorm removes each image's mean, so a network
     # without the blocks' shortcuts cannot learn this for images brighter or darker than average
-    # (mean error stays above 0.1 here), and its samples drift to all black or all white.
+    # (mean error stayed above 0.1 after 150 steps), and its samples drift to all black or all white.
     torch.manual_seed(0)
     model = lesson01.TinyUNet(1, width=8)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     last = torch.full((16,), 999)
-    for _ in range(150):
+    for _ in range(80):  # measured: mean error 0.011 after 80 steps
         x_t = torch.randn(16, 1, 28, 28, generator=generator) + torch.rand(16, 1, 1, 1, generator=generator) * 2 - 1
         loss = F.mse_loss(model(x_t, last), x_t)
         optimizer.zero_grad()
@@ -122,7 +122,7 @@ def test_training_on_a_fixed_batch_clearly_lowers_the_loss(lesson01, schedule):
     before = evaluate()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    for _ in range(80):  # measured: the loss falls to 0.053 of where it started
         loss = lesson01.loss_fn(model, x0, schedule, generator)
         optimizer.zero_grad()
         loss.backward()

@@ -35,9 +35,9 @@ def cli(lesson02, capsys):
     return lambda *args: run_in_process(lesson02.main, "02_ddpm.py", *args, capsys=capsys)
 
 
-def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path):
-    out = tmp_path / "out"
-    result = lesson("--data-dir", tiny_data_dir, "--out", out, "--max-steps", 12, "--checkpoint-every", 5, *TINY)
+def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path, cli):
+    out = tmp_path / "out"  # in this process: the lesson as its own process is run by the Ctrl-C and gloo tests
+    result = cli("--data-dir", tiny_data_dir, "--out", out, "--max-steps", 12, "--checkpoint-every", 5, *TINY)
     assert result.returncode == 0, result.stderr
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name

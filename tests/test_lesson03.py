@@ -157,10 +157,11 @@ def lesson(*args):
     return run_lesson("03_conditional_ddpm.py", *args)
 
 
-def test_end_to_end_writes_every_output_with_labels(small_data_dir, tmp_path):
+def test_end_to_end_writes_every_output_with_labels(small_data_dir, tmp_path, lesson03, capsys):
     out = tmp_path / "out"
-    result = lesson("--data-dir", small_data_dir, "--out", out, "--max-steps", 6, *TINY, "--num-samples", 20,
-                    "--sample-batch-size", 8)  # labels carry on across batches of 8, 8 and 4
+    result = run_in_process(lesson03.main, "03_conditional_ddpm.py", "--data-dir", small_data_dir, "--out", out,
+                            "--max-steps", 6, *TINY, "--num-samples", 20, "--sample-batch-size", 8,
+                            capsys=capsys)  # labels carry on across batches of 8, 8 and 4
     assert result.returncode == 0, result.stderr
     for name in ("checkpoint.pt", "samples.png", "samples.npz", "guidance.png", "loss.png", "metrics.csv",
                  "denoising.gif", "denoising.png"):

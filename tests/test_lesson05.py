@@ -87,7 +87,7 @@ def test_a_short_autoencoder_training_lowers_the_reconstruction_error_clearly(le
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     errors = []
-    for step in range(120):
+    for step in range(80):  # measured: the last 10 steps' error is 0.29 of the first 10 steps' (0.29 after 60)
         batch = images[torch.randint(0, len(images), (32,), generator=generator)]
         loss, l1 = lesson05.autoencoder_loss(autoencoder, batch, 1e-4, generator)
         optimizer.zero_grad()
@@ -231,7 +231,11 @@ def test_latents_are_scaled_for_the_diffusion_model_and_unscaled_for_the_decoder
     assert kind == "decoded" and torch.allclose(decoded, sampled / scale)
 
 
-def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson):
+def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson, lesson05, monkeypatch):
+    for name in ("write_samples", "write_autoencoder_figures"):  # the training state is what counts here
+        monkeypatch.setattr(lesson05, name, lambda *arguments: [])
+    monkeypatch.setattr(lesson05, "compare_step_cost", lambda *arguments: 1.0)
+
     def states(out):
         checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
         return checkpoint["model"], checkpoint["ema"], checkpoint["optimizer"]["state"]
