@@ -115,6 +115,18 @@ def write_learnable_mnist(data_dir):
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def learnable_mnist_classifier(tmp_path_factory):
+    """write_learnable_mnist's data and utils.metrics' classifier trained on it once per test session:
+    {"data_dir", "cache_dir", "model", "accuracy"}. Tests that score samples share it."""
+    from utils import metrics
+
+    root = tmp_path_factory.mktemp("metrics")
+    write_learnable_mnist(root / "data")
+    model, accuracy = metrics.load_classifier("mnist", root / "data", root / "cache")
+    return {"data_dir": root / "data", "cache_dir": root / "cache", "model": model, "accuracy": accuracy}
+
+
 @pytest.fixture
 def tiny_data_dir(tmp_path):
     """A --data-dir holding a 256-image 'MNIST' of squares in torchvision's layout."""

@@ -1,9 +1,10 @@
 """examples/compare_methods.py: DDPM and DDIM on one checkpoint, timed and scored, end to end."""
 import csv
+import shutil
 
 import pytest
 
-from conftest import assert_refused, load_lesson, run_in_process, write_learnable_mnist
+from conftest import assert_refused, load_lesson, run_in_process
 from utils.runtime import LessonError
 
 
@@ -12,9 +13,12 @@ def compare():
     return load_lesson("examples/compare_methods.py")
 
 
-def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatch, compare, capsys):
-    monkeypatch.chdir(tmp_path)  # the metrics classifier is cached under ./outputs/metrics
-    data_dir = write_learnable_mnist(tmp_path / "data")
+def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatch, compare, capsys,
+                                                            learnable_mnist_classifier):
+    monkeypatch.chdir(tmp_path)  # the metrics classifier is cached under ./outputs/metrics: put the shared one there
+    (tmp_path / "outputs" / "metrics").mkdir(parents=True)
+    shutil.copy(learnable_mnist_classifier["cache_dir"] / "classifier-mnist.pt", tmp_path / "outputs" / "metrics")
+    data_dir = learnable_mnist_classifier["data_dir"]
     compare.lesson02.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "l02"), "--max-steps", "3",
                            "--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1",
                            "--timesteps", "25"])  # DDPM's row: all 25 steps
@@ -42,7 +46,6 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
     assert "| DDIM | 5 | 1.0 | trailing |" in (out / "compare.md").read_text()
     assert "v-prediction, the fast samplers' x0 not clipped" in (out / "compare.md").read_text()  # lesson 02's default
     assert f"wrote {out / 'compare.png'}" in capsys.readouterr().out
-    assert (tmp_path / "outputs" / "metrics" / "classifier-mnist.pt").is_file()
     with pytest.raises(LessonError, match="--steps 26 is more than the 25 timesteps"):
         compare.main(["--checkpoint", str(tmp_path / "l02" / "checkpoint.pt"), "--steps", "10,26",
                       "--out", str(out)])

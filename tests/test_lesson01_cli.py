@@ -60,7 +60,9 @@ def test_sample_only_writes_samples_from_a_checkpoint(tiny_data_dir, tmp_path, c
 def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny_data_dir, tmp_path, cli):
     # On the CPU: exactness is a CPU promise (GPU convolutions may be non-deterministic). Only the interrupted
     # run needs its own process (it gets the signal); the other two run in this one.
-    steps = ["--max-steps", 100, "--data-dir", tiny_data_dir, *TINY, "--num-samples", 1, "--device", "cpu"]
+    # Interrupted once the first metrics row (step 50) is written, a few steps later at most.
+    steps = ["--max-steps", 70, "--data-dir", tiny_data_dir, *TINY, "--batch-size", 16, "--num-samples", 1,
+             "--device", "cpu"]
     straight = cli("--out", tmp_path / "straight", *steps)
     assert straight.returncode == 0, straight.stderr
 
@@ -75,13 +77,13 @@ def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny
     assert process.returncode == 130, stderr
     assert "checkpoint saved" in stderr and "Traceback" not in stderr
     stopped_at = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")["step"]
-    assert 0 < stopped_at < 100
+    assert 50 <= stopped_at < 70
 
     resumed = cli("--out", tmp_path / "split", "--resume", *steps)
     assert resumed.returncode == 0, resumed.stderr
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt", "01_ddpm_toy")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt", "01_ddpm_toy")
-    assert a["step"] == b["step"] == 100
+    assert a["step"] == b["step"] == 70
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 

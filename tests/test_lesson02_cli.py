@@ -1,9 +1,7 @@
 """Lesson 02 as a learner runs it: outputs, checkpoints, resume, Ctrl-C, several processes, bad input."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -108,22 +106,6 @@ def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(tiny_data_dir,
                        checkpoint_states(tmp_path / "split" / "checkpoint.pt"))
     rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step") and rows.count(rows[0]) == 1  # one header: the log was appended to
-
-
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
-    out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "02_ddpm.py"), "--out", str(out), "--data-dir", str(tiny_data_dir),
-               "--max-steps", "100000", *TINY]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 1):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "checkpoint saved" in stderr and "Traceback" not in stderr
-    assert load_checkpoint(out / "checkpoint.pt", "02_ddpm")["step"] >= 50
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path, lesson02, monkeypatch,

@@ -9,17 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, class_pictures, run_in_process, write_learnable_mnist
+from conftest import ROOT, class_pictures, run_in_process
 from utils import metrics
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """A data dir with a learnable 'MNIST', and a classifier trained on it and cached."""
-    root = tmp_path_factory.mktemp("metrics")
-    write_learnable_mnist(root / "data")
-    model, accuracy = metrics.load_classifier("mnist", root / "data", root / "cache")
-    return {"data_dir": root / "data", "cache_dir": root / "cache", "model": model, "accuracy": accuracy}
+@pytest.fixture
+def scored(learnable_mnist_classifier):
+    """A data dir with a learnable 'MNIST', and a classifier trained on it and cached (once per session)."""
+    return learnable_mnist_classifier
 
 
 def gaussian_features(count, dim, seed, shift=0.0):
