@@ -32,9 +32,10 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
         ("DDPM", "25", "", "", "4"), ("DDIM", "5", "0.0", "trailing", "6"), ("DDIM", "10", "0.0", "trailing", "6"),
         ("DDIM", "5", "1.0", "trailing", "6"), ("DDIM", "10", "1.0", "trailing", "6"),
         ("DPM-Solver++(2M)", "5", "", "logsnr", "6"), ("DPM-Solver++(2M)", "10", "", "logsnr", "6")]
-    ddpm, *fast = (float(row["seconds_per_image"]) for row in rows)
-    assert max(fast) < ddpm  # 5 or 10 network calls per image against 25
-    assert float(rows[1]["speedup"]) > 2
+    ddpm = float(rows[0]["seconds_per_image"])  # speed itself is a benchmark's business (benchmarks/), not a test's
+    for row in rows:
+        assert float(row["seconds_per_image"]) == pytest.approx(float(row["seconds"]) / int(row["samples"]), abs=2e-3)
+        assert float(row["speedup"]) == pytest.approx(ddpm / float(row["seconds_per_image"]), abs=0.051)
     for row in rows:
         assert float(row["fd"]) >= 0 and float(row["fd_real_floor"]) >= 0 and 0 <= float(row["class_entropy_bits"])
         assert float(row["fd_above_floor"]) == pytest.approx(float(row["fd"]) - float(row["fd_real_floor"]), abs=0.01)

@@ -46,6 +46,7 @@ def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path, cli):
     assert rows[0] == "step,loss,lr,images_per_s" and rows[-1].startswith("12,")
     checkpoint = load_checkpoint(out / "checkpoint.pt", "02_ddpm")
     assert checkpoint["step"] == 12 and checkpoint["config"]["schedule"] == "cosine"
+    assert checkpoint["config"]["timesteps"] == 25 and "(25 steps)" in result.stdout  # --timesteps 25 in TINY
     assert {"model", "ema", "optimizer", "scaler", "rng", "epoch", "config"} <= set(checkpoint)
     assert "1 process(es) = 16 images" in result.stdout
 
@@ -168,6 +169,11 @@ def test_resume_refuses_a_different_architecture(tiny_data_dir, tmp_path, lesson
                                    "--resume", *TINY, "--schedule", "linear"]))
     assert exit_info.value.code == 1
     assert "schedule=cosine, this run has schedule=linear" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: lesson02.main(["--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "4",
+                                   "--resume", *TINY, "--timesteps", "50"]))
+    assert exit_info.value.code == 1
+    assert "trained with --timesteps 25; it cannot be used with --timesteps 50" in capsys.readouterr().err
 
 
 def test_resume_without_a_checkpoint_fails_loudly(tiny_data_dir, tmp_path, cli):

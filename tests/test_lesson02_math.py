@@ -22,6 +22,24 @@ def test_linear_schedule_matches_ho_et_al(lesson02):
         assert schedule["alpha_bars"][t].item() == pytest.approx(product, rel=1e-5)
 
 
+@pytest.mark.parametrize("timesteps", [25, 500, 2000])
+def test_another_T_draws_each_schedule_over_T_steps(lesson02, timesteps):
+    """--timesteps T: the linear betas run from 1e-4 x 1000/T to 0.02 x 1000/T (as improved-diffusion scales DDPM's
+    schedule), the cosine schedule is Improved DDPM Eq. 17 with t/T; both end with alpha_bar near 0."""
+    linear = lesson02.make_schedule("linear", "cpu", timesteps)["betas"].double()
+    scale = 1000 / timesteps
+    expected = torch.linspace(1e-4 * scale, 0.02 * scale, timesteps, dtype=torch.float64)
+    assert torch.allclose(linear, expected, rtol=1e-5, atol=1e-8)
+
+    def f(t):
+        return math.cos((t / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+    cosine = lesson02.make_schedule("cosine", "cpu", timesteps)
+    reference = torch.tensor([min(0.999, 1 - f(t + 1) / f(t)) for t in range(timesteps)], dtype=torch.float64)
+    assert torch.allclose(cosine["betas"].double(), reference, rtol=1e-5, atol=1e-7)
+    for name in ("linear", "cosine"):
+        assert lesson02.make_schedule(name, "cpu", timesteps)["alpha_bars"][-1].item() < 1e-3
+
+
 def test_cosine_schedule_matches_improved_ddpm_eq_17(lesson02):
     schedule = lesson02.make_schedule("cosine", "cpu")
 

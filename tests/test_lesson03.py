@@ -170,7 +170,8 @@ def test_end_to_end_writes_every_output_with_labels(small_data_dir, tmp_path, le
     saved = np.load(out / "samples.npz")
     assert saved["images"].shape == (20, 12, 12, 1) and saved["images"].dtype == np.uint8
     assert saved["labels"].tolist() == [c for c in range(10) for _ in range(2)]
-    assert load_checkpoint(out / "checkpoint.pt", "03_conditional_ddpm")["config"]["num_classes"] == 10
+    config = load_checkpoint(out / "checkpoint.pt", "03_conditional_ddpm")["config"]
+    assert config["num_classes"] == 10 and config["timesteps"] == 25  # --timesteps 25 in TINY
 
 
 def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch, float32_on_device):
