@@ -117,6 +117,9 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    if args.width % 2:
+        parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
+                     f"got {args.width}")
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
     if args.timesteps is not None and args.timesteps < 2 or args.schedule == "linear" and BETA_END * 1000 / (
@@ -129,10 +132,6 @@ def parse_args(argv=None):
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.warmup_steps < 0 or args.weight_decay < 0:
         parser.error("--warmup-steps and --weight-decay cannot be negative")
-    for channels in (args.width * mult for mult in args.channel_mults):
-        if channels % norm_groups(channels):
-            parser.error(f"--width {args.width} gives a layer of {channels} channels, which GroupNorm cannot split "
-                         f"into {norm_groups(channels)} groups; make every layer a multiple of 4 channels (of 32 above 128)")
     return args
 
 
@@ -177,8 +176,12 @@ def add_noise(x0, t, eps, schedule):
 # --- model: the U-Net of DDPM Appendix B ---
 
 def norm_groups(channels):
-    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels."""
-    return max(1, min(32, channels // 4))
+    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
+    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 def timestep_embedding(t, dim):

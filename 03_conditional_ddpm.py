@@ -98,6 +98,9 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    if args.width % 2:
+        parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
+                     f"got {args.width}")
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
     if args.class_label is not None and not 0 <= args.class_label < NUM_CLASSES:
@@ -110,10 +113,6 @@ def parse_args(argv=None):
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps cannot be negative")
-    for channels in (args.width * mult for mult in args.channel_mults):
-        if channels % norm_groups(channels):
-            parser.error(f"--width {args.width} gives a layer of {channels} channels, which GroupNorm cannot split "
-                         f"into {norm_groups(channels)} groups; make every layer a multiple of 4 channels")
     if args.timesteps is not None and args.timesteps < 2:
         parser.error(f"--timesteps must be at least 2, got {args.timesteps}")
     return args
@@ -150,8 +149,12 @@ def add_noise(x0, t, eps, schedule):
 # --- model: lesson 02's U-Net, told which class to draw ---
 
 def norm_groups(channels):
-    """GroupNorm groups: 32 as in DDPM, fewer for narrow layers so that a group has 4+ channels."""
-    return max(1, min(32, channels // 4))
+    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
+    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 def timestep_embedding(t, dim):
@@ -453,11 +456,11 @@ def train(args, model, ema, dataset, schedule, config, device, start=None):
 # --- main ---
 
 def sample_labels(args, device):
-    """--num-samples labels: all --class-label, or the classes in order, an equal run of each."""
+    """--num-samples labels [N]: all --class-label, or the classes in order, split evenly: each class gets
+    floor(N / 10) or ceil(N / 10) samples (21 samples: 3 of class 0, 2 of each other class)."""
     if args.class_label is not None:
         return torch.full((args.num_samples,), args.class_label, device=device)
-    per_class = math.ceil(args.num_samples / NUM_CLASSES)
-    return torch.arange(args.num_samples, device=device) // per_class
+    return torch.arange(args.num_samples, device=device) * NUM_CLASSES // args.num_samples
 
 
 def write_samples(model, schedule, config, args, device):

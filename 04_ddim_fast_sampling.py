@@ -35,8 +35,8 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
-    last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, run, save_checkpoint,
-    saved_timesteps, writable_dir,
+    last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, require_same, run,
+    save_checkpoint, saved_timesteps, writable_dir,
 )
 
 LESSON = "04_ddim_fast_sampling"
@@ -83,7 +83,8 @@ def parse_args(argv=None):
                         help=f"network calls of the sampler (default {DEFAULT_STEPS}, or the model's T if smaller), "
                              f"at most T")
     parser.add_argument("--eta", type=non_negative_float, default=0.0,
-                        help="noise of each DDIM step (Eq. 16): 0 deterministic, 1 DDPM-like (README, 'Lesson 04')")
+                        help="noise of each DDIM step (Eq. 16), in [0, 1]: 0 deterministic, 1 DDPM-like "
+                             "(README, 'Lesson 04')")
     parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim",
                         help="ddim: Eq. 12 with --eta; dpm-solver++: DPM-Solver++(2M), deterministic and second "
                              "order, good in 10-20 steps (Lu et al. 2022)")
@@ -125,6 +126,12 @@ def parse_args(argv=None):
                              "eta = 0, the deterministic map from noise to image: interpolation.png/.gif and "
                              "interpolation_grid.png")
     args = parser.parse_args(argv)
+    if args.width % 2:
+        parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
+                     f"got {args.width}")
+    if args.eta > 1:
+        parser.error(f"--eta must be at most 1, got {args.eta:g}: above 1 DDIM's sigma (Eq. 16) exceeds "
+                     f"sqrt(1 - alpha_bar_prev), and Eq. 12's direction term would need the root of a negative number")
     if args.timesteps is not None and args.timesteps < 2 or args.schedule == "linear" and BETA_END * 1000 / (
             args.timesteps or T) >= 1:
         parser.error(f"--timesteps must be at least 2, and more than {round(BETA_END * 1000)} with the linear schedule "
@@ -134,9 +141,6 @@ def parse_args(argv=None):
                      f"got {args.steps}")
     if args.resume and (args.sample_only or args.checkpoint):
         parser.error("--resume continues training in --out; it cannot be used with --sample-only or --checkpoint")
-    for channels in (args.width * mult for mult in args.channel_mults):
-        if channels % norm_groups(channels):
-            parser.error(f"--width {args.width} gives a layer of {channels} channels, which GroupNorm cannot split")
     return args
 
 
@@ -165,8 +169,12 @@ def add_noise(x0, t, eps, alpha_bars):
 # --- model: lesson 02's U-Net, unchanged, so that lesson 02's checkpoints load as they are ---
 
 def norm_groups(channels):
-    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels."""
-    return max(1, min(32, channels // 4))
+    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
+    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 def timestep_embedding(t, dim):
@@ -432,10 +440,14 @@ def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
 
 def ddim_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev, eta, generator):
     """DDIM Eq. 12 from timestep t to t_prev < t, given the network's eps_pred and x0_pred at t:
-    x_t [N, C, H, W] -> x_prev."""
+    x_t [N, C, H, W] -> x_prev. eta must lie in [0, 1] (ValueError otherwise): above 1, sigma^2 exceeds
+    1 - alpha_bar_prev and the direction term has no real square root."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"DDIM's eta must lie in [0, 1], got {eta}")
     sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
     # Eq. 12: x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma^2) eps_pred + sigma z:
     # the predicted image, plus the predicted noise at the level of t_prev ("direction pointing to x_t").
+    # (max(0, ...) only absorbs rounding: with eta <= 1, sigma^2 <= 1 - alpha_bar_prev.)
     x_prev = math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma ** 2)) * eps_pred
     if sigma > 0:
         x_prev = x_prev + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)
@@ -478,7 +490,7 @@ def clip_for(prediction, chosen=None):
 def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing=None, prediction="eps",
            clip_x0=None, generator=None, keep=0):
     """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` network calls (1..T), with DDIM (DDIM Eq. 12,
-    any eta >= 0) or DPM-Solver++(2M) (deterministic; eta is ignored); also about `keep` snapshots along the
+    0 <= eta <= 1) or DPM-Solver++(2M) (deterministic; eta is ignored); also about `keep` snapshots along the
     way, as (timestep, x_t) pairs. alpha_bars [T] is the training schedule; spacing defaults to the sampler's
     DEFAULT_SPACING, clip_x0 to clip_for(prediction). Raises ValueError for an unknown spacing."""
     spacing, clip_x0 = spacing_for(sampler, spacing), clip_for(prediction, clip_x0)
@@ -703,6 +715,10 @@ def main(argv=None):
                   "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
                   else args.timesteps or T,
                   "total_steps": args.max_steps or args.epochs * steps_per_epoch}
+        if start is not None:  # the same network, schedule, target and data, or the saved state does not fit
+            require_same(start["config"], config,
+                         ("dataset", "channels", "image_size", "width", "channel_mults", "schedule", "prediction"),
+                         args.out / "checkpoint.pt")
         model = UNet(config["channels"], args.width, args.channel_mults, 1).to(device)
         ema = EMA(model, EMA_DECAY)
         train(args, model, ema, images, make_alpha_bars(args.schedule, device, config["timesteps"]), config, device,

@@ -88,7 +88,8 @@ def parse_args(argv=None):
     parser.add_argument("--timesteps", type=positive_int, default=None,
                         help=f"diffusion steps T when training (default {T}); a checkpoint keeps its own")
     parser.add_argument("--eta", type=non_negative_float, default=1.0,
-                        help="DDIM's eta (lesson 04): 0 deterministic, 1 DDPM-like (better for this small model)")
+                        help="DDIM's eta (lesson 04), in [0, 1]: 0 deterministic, 1 DDPM-like (better for this "
+                             "small model)")
     parser.add_argument("--timestep-spacing", choices=["trailing", "leading", "linspace"], default="trailing",
                         help="which timesteps DDIM visits, named as in diffusers (lesson 04): trailing starts at T - 1")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -104,6 +105,9 @@ def parse_args(argv=None):
                         help="also walk between latent starting noises (slerp and lerp), decoded by latent DDIM at "
                              "--steps with eta = 0 and the decoder: interpolation.png/.gif and interpolation_grid.png")
     args = parser.parse_args(argv)
+    if args.eta > 1:
+        parser.error(f"--eta must be at most 1, got {args.eta:g}: above 1 DDIM's sigma (Eq. 16) exceeds "
+                     f"sqrt(1 - alpha_bar_prev), and Eq. 12's direction term would need the root of a negative number")
     if args.timesteps is not None and args.timesteps < 2:
         parser.error(f"--timesteps must be at least 2, got {args.timesteps}")
     if args.steps is not None and args.steps > (args.timesteps or T):
@@ -139,8 +143,12 @@ def add_noise(z0, t, eps, alpha_bars):
 # --- building blocks, shared by the autoencoder and the U-Net ---
 
 def norm_groups(channels):
-    """GroupNorm groups: 32 as in the papers, fewer for narrow layers so that a group has 4+ channels."""
-    return max(1, min(32, channels // 4))
+    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
+    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 class SelfAttention(nn.Module):
@@ -360,6 +368,8 @@ def ddim_sample(model, alpha_bars, z_T, steps, eta=0.0, generator=None, keep=0, 
 
     Unlike pixels, latents have no fixed range: the predicted z_0 is not clipped.
     """
+    if not 0 <= eta <= 1:  # above 1, sigma^2 exceeds 1 - alpha_bar_prev: no real direction term in Eq. 12
+        raise ValueError(f"DDIM's eta must lie in [0, 1], got {eta}")
     constants = alpha_bars.tolist()
     taus = timestep_sequence(steps, spacing, alpha_bars)
     z_t, kept = z_T, []

@@ -67,13 +67,13 @@ def sampler_names(text):
 
 
 def eta_values(text):
-    """argparse type: '0,0.5,1' -> (0.0, 0.5, 1.0), each finite and at least 0."""
+    """argparse type: '0,0.5,1' -> (0.0, 0.5, 1.0), each in [0, 1]."""
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not all(math.isfinite(value) and value >= 0 for value in values):
-        raise argparse.ArgumentTypeError(f"every eta must be a finite number of at least 0, got {text!r}")
+    if not all(math.isfinite(value) and 0 <= value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"every eta must lie in [0, 1] (DDIM Eq. 16 and 12), got {text!r}")
     return values
 
 

@@ -55,7 +55,8 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
 @pytest.mark.parametrize("flags,expected", [
     (["--steps", "10,0"], "step counts must be at least 1"),
     (["--steps", "ten"], "not a comma-separated list"),
-    (["--eta", "0,-1"], "every eta must be a finite number of at least 0"),
+    (["--eta", "0,-1"], "every eta must lie in [0, 1]"),
+    (["--eta", "0,1.5"], "every eta must lie in [0, 1]"),
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
     (["--num-samples", "100", "--ddpm-samples", "200"], "--ddpm-samples (200) must be at most --num-samples (100)"),
     (["--samplers", "ddim,euler"], "samplers are ddim and dpm-solver++"),

@@ -93,3 +93,30 @@ def test_files_have_every_image(tmp_path):
     assert grid.shape[0] == grid.shape[1]
     with pytest.raises(ValueError):
         interpolation.save_grid(rows.flatten(0, 1), 3, tmp_path / "bad.png")
+
+
+def test_helpers_keep_the_device_and_dtype_of_their_inputs(monkeypatch):
+    """No CPU or float64 tensor may meet an accelerator's (Apple's MPS has no float64). lerp, row and grid run
+    on the meta device (a stand-in for CUDA or MPS, holding no data); slerp branches on its inputs' values, so it
+    runs on the CPU in an accelerator's working dtype, with every operation's result recorded."""
+    from torch.overrides import TorchFunctionMode
+
+    a, b = torch.randn(1, 4, 4, device="meta"), torch.randn(1, 4, 4, device="meta")
+    for result in (interpolation.lerp(a, b, interpolation.weights(5)), interpolation.row(a, b, 5, "lerp"),
+                   interpolation.grid([a, b, a, b], 3, "lerp")):
+        assert result.device.type == "meta" and result.dtype == torch.float32
+
+    class Recorder(TorchFunctionMode):
+        dtypes = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor):
+                self.dtypes.add(result.dtype)
+            return result
+
+    monkeypatch.setattr(interpolation, "working_dtype", lambda tensor: torch.float32)  # as on an accelerator
+    corners = list(torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)))
+    with Recorder() as recorder:
+        result = interpolation.grid(corners, 3, "slerp")
+    assert result.dtype == torch.float32 and torch.float64 not in recorder.dtypes, recorder.dtypes

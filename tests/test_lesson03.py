@@ -153,6 +153,15 @@ def test_sample_labels_give_one_row_per_class(lesson03):
     assert lesson03.sample_labels(args, "cpu").tolist() == [7] * 5
 
 
+@pytest.mark.parametrize("count", [1, 5, 9, 10, 11, 21, 59, 64, 99, 1000])
+def test_num_samples_are_split_evenly_over_the_classes(lesson03, count):
+    """--help promises "split evenly over the classes": each class gets floor(N/10) or ceil(N/10), in order."""
+    labels = lesson03.sample_labels(lesson03.parse_args(["--num-samples", str(count)]), "cpu").tolist()
+    counts = [labels.count(c) for c in range(10)]
+    assert len(labels) == count and labels == sorted(labels)
+    assert set(counts) <= {count // 10, -(-count // 10)}, counts
+
+
 def lesson(*args):
     return run_lesson("03_conditional_ddpm.py", *args)
 

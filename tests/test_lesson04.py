@@ -321,6 +321,8 @@ def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson0
     (["--steps", "1001"], "--steps must be at most T = 1000"),
     (["--steps", "0"], "--steps: must be at least 1"),
     (["--eta", "-0.1"], "--eta: must be a finite number of at least 0"),
+    (["--eta", "1.5"], "--eta must be at most 1, got 1.5"),
+    (["--width", "15"], "--width must be even"),
     (["--timestep-spacing", "uniform"], "--timestep-spacing: invalid choice"),
     (["--sampler", "euler"], "--sampler: invalid choice"),
     (["--resume", "--checkpoint", "x.pt"], "--resume continues training"),
@@ -353,6 +355,13 @@ def test_without_a_checkpoint_it_trains_lesson02s_model_then_samples(tiny_data_d
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["lesson"] == "04_ddim_fast_sampling" and state["step"] == 6 and state["config"]["timesteps"] == 25
     assert (out / "metrics.csv").read_text().splitlines()[-1].startswith("6,")
+    for changed, named in ((["--width", "16"], "width=8, this run has width=16"),
+                           (["--schedule", "linear"], "schedule=cosine, this run has schedule=linear"),
+                           (["--prediction", "eps"], "prediction=v, this run has prediction=eps")):
+        before = (out / "checkpoint.pt").read_bytes()
+        with pytest.raises(LessonError, match=named):
+            lesson04.main([*tiny, "--max-steps", "9", "--resume", *changed])
+        assert (out / "checkpoint.pt").read_bytes() == before
     lesson04.main([*tiny, "--max-steps", "9", "--resume"])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 9
     capsys.readouterr()

@@ -261,6 +261,7 @@ def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson, lesson05
 @pytest.mark.parametrize("flags,expected", [
     (["--steps", "1001"], "--steps must be at most T = 1000"),
     (["--eta", "-1"], "--eta: must be a finite number of at least 0"),
+    (["--eta", "1.01"], "--eta must be at most 1, got 1.01"),
     (["--width", "6"], "--width must be a multiple of 4"),
     (["--stage", "decoder"], "--stage: invalid choice"),
     (["--epochs", "0"], "--epochs: must be at least 1"),

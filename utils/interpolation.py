@@ -25,13 +25,25 @@ def weights(count):
     """count evenly spaced interpolation weights from 0 to 1, both ends included."""
     if count < 2:
         raise ValueError(f"an interpolation needs at least 2 points, got {count}")
-    return torch.linspace(0, 1, count, dtype=torch.float64)
+    return torch.linspace(0, 1, count)  # float32: a CPU float64 tensor must not be carried to an accelerator
+
+
+def working_dtype(tensor):
+    """float64 for the arithmetic on the CPU; float32 on an accelerator (Apple's MPS has no float64)."""
+    return torch.float64 if tensor.device.type == "cpu" else torch.float32
+
+
+def on_device_of(reference, tensor):
+    """tensor, moved to reference's device when it is elsewhere (the weights are made on the CPU)."""
+    return tensor if tensor.device == reference.device else tensor.to(reference.device)
 
 
 def lerp(a, b, w):
-    """Linear interpolation (1 - w) a + w b, for each weight in w [K] -> [K, *a.shape]."""
-    w = torch.as_tensor(w, dtype=torch.float64).view(-1, *([1] * a.dim()))
-    return ((1 - w) * a.double() + w * b.double()).to(a.dtype)
+    """Linear interpolation (1 - w) a + w b, for each weight in w [K] -> [K, *a.shape], on a's device and in
+    a's dtype (computed in working_dtype)."""
+    dtype = working_dtype(a)
+    w = on_device_of(a, torch.as_tensor(w).to(dtype)).view(-1, *([1] * a.dim()))
+    return ((1 - w) * a.to(dtype) + w * b.to(dtype)).to(a.dtype)
 
 
 def slerp(a, b, w, parallel_threshold=1e-4):
@@ -43,12 +55,13 @@ def slerp(a, b, w, parallel_threshold=1e-4):
     draws of Gaussian noise has a norm like theirs. When a and b are nearly parallel (sin(theta) below
     `parallel_threshold`) the formula divides 0 by 0; there the great circle is the straight line, so the
     directions are lerped and renormalised; opposite vectors have no unique great circle and are refused.
-    Computed in float64. Returns [K, *a.shape].
+    Computed in working_dtype on a's device. Returns [K, *a.shape], on a's device and in a's dtype.
     """
     if a.shape != b.shape:
         raise ValueError(f"cannot interpolate between shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    w = torch.as_tensor(w, dtype=torch.float64).view(-1, 1)
-    flat_a, flat_b = a.double().flatten(), b.double().flatten()
+    dtype = working_dtype(a)
+    w = on_device_of(a, torch.as_tensor(w).to(dtype)).view(-1, 1)
+    flat_a, flat_b = a.to(dtype).flatten(), b.to(dtype).flatten()
     norm_a, norm_b = flat_a.norm(), flat_b.norm()
     if norm_a == 0 or norm_b == 0:
         raise ValueError("slerp needs two non-zero vectors (a zero vector has no direction)")
