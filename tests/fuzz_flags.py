@@ -1,0 +1,109 @@
+"""Random flag combinations for every lesson: each must run a short smoke or be refused in one line (not a test file).
+
+    python tests/fuzz_flags.py --runs 40 --seed 0     # about 2-4 minutes on a 2-core CPU
+
+Each run draws, for one lesson, a value of the right type for some of its flags (edge values included), adds a
+tiny dataset, one or two training steps and a small T, and calls the lesson's main() as its command line does
+(utils.runtime.run). Acceptable: exit code 0, or exit code 1 or 2 with exactly one line on stderr. Anything
+else (a traceback, an exception, several lines) is reported with the flags that caused it; the exit code is 1
+if there was any.
+"""
+import argparse
+import contextlib
+import io
+import random
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import load_lesson, write_mnist_like  # noqa: E402
+from utils import data  # noqa: E402
+from utils.runtime import run  # noqa: E402
+
+COMMON = {"--width": ["2", "4", "6", "8", "10", "12", "16", "24"], "--batch-size": ["1", "2", "16", "300"],
+          "--num-samples": ["1", "3", "11"], "--seed": ["0", "7"], "--timesteps": ["2", "21", "25", "60"],
+          "--sample-batch-size": ["1", "2", "64"]}
+FLAGS = {
+    "01_ddpm_toy.py": {**COMMON, "--width": ["8", "16", "24"], "--lr": ["1e-4", "2e-3"]},
+    "02_ddpm.py": {**COMMON, "--channel-mults": ["1,2", "1,2,4", "1,3", "2,2", "1,2,2,2"],
+                   "--schedule": ["cosine", "linear"], "--prediction": ["eps", "v"], "--dropout": ["0", "0.3"],
+                   "--num-res-blocks": ["1", "2"], "--variance": ["beta", "posterior"], "--no-clip-x0": [None],
+                   "--ema-decay": ["0", "0.9"]},
+    "03_conditional_ddpm.py": {**COMMON, "--channel-mults": ["1,2", "1,2,4", "1,3"], "--guidance-scale": ["0", "3"],
+                               "--class-label": ["0", "9"], "--p-uncond": ["0", "0.5", "1"],
+                               "--dropout": ["0", "0.3"]},
+    "04_ddim_fast_sampling.py": {**COMMON, "--channel-mults": ["1,2", "1,2,4", "1,3"], "--steps": ["1", "2", "3", "25"],
+                                 "--eta": ["0", "0.5", "1"], "--sampler": ["ddim", "dpm-solver++"],
+                                 "--timestep-spacing": ["trailing", "leading", "linspace", "quadratic", "logsnr"],
+                                 "--schedule": ["cosine", "linear"], "--prediction": ["eps", "v"],
+                                 "--clip-x0": [None], "--no-clip-x0": [None], "--interpolate": [None]},
+    "05_latent_diffusion.py": {**COMMON, "--width": ["4", "8", "12"], "--autoencoder-width": ["4", "8", "12"],
+                               "--latent-channels": ["1", "4"], "--steps": ["1", "2", "5"], "--eta": ["0", "1"],
+                               "--kl-weight": ["0", "1e-3"], "--interpolate": [None]},
+}
+
+
+def draw(lesson, rng):
+    """A random subset of the lesson's flags, each with a random value of its list."""
+    argv = []
+    for flag, values in FLAGS[lesson].items():
+        if rng.random() < 0.5:
+            value = rng.choice(values)
+            argv += [flag] if value is None else [flag, value]
+    return argv
+
+
+def smoke(module, argv):
+    """main(argv) through run(): (exit code, stderr lines, traceback text or None)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            run(lambda: module.main(argv))
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+        except BaseException:  # noqa: BLE001 - the point is to catch whatever escapes
+            return None, [], traceback.format_exc()
+    lines = [line for line in err.getvalue().splitlines() if line.strip() and "\r" not in line and "it/s" not in line
+             and "s/it" not in line and not line.startswith(("note:", "trained the"))]
+    return code, lines, None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    data.SYSTEM_COPIES = {}  # as in the tests: only the tiny dataset made here
+    modules = {lesson: load_lesson(lesson) for lesson in FLAGS}
+    failures = outcomes = 0
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        write_mnist_like(folder / "data" / "MNIST" / "raw")
+        for index in range(args.runs):
+            lesson = list(FLAGS)[index % len(FLAGS)]
+            flags = draw(lesson, rng)
+            argv = ["--data-dir", str(folder / "data"), "--out", str(folder / f"out{index}"), "--max-steps",
+                    rng.choice(["1", "2"]), "--device", "cpu", *flags]
+            if "--timesteps" not in flags:
+                argv += ["--timesteps", "25"]  # T = 1000 would spend minutes sampling: not what is fuzzed
+            code, lines, crash = smoke(modules[lesson], argv)
+            ok = crash is None and (code == 0 or (code in (1, 2) and len(lines) == 1))
+            outcomes += 1
+            status = "ok" if code == 0 else f"refused ({code}): {lines[0] if lines else ''}"
+            if not ok:
+                failures += 1
+                status = "FAILED: " + (crash.strip().splitlines()[-1] if crash else f"exit {code}, {lines}")
+            print(f"{lesson} {' '.join(flags)}\n    {status}", flush=True)
+    print(f"{outcomes} runs, {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
