@@ -48,10 +48,13 @@ FLAGS = {
 }
 
 
-def draw(lesson, rng):
-    """A random subset of the lesson's flags, each with a random value of its list."""
+def draw(lesson, rng, max_timesteps=None):
+    """A random subset of the lesson's flags, each with a random value of its list (--timesteps at most
+    max_timesteps, when given)."""
     argv = []
     for flag, values in FLAGS[lesson].items():
+        if flag == "--timesteps" and max_timesteps:
+            values = [value for value in values if int(value) <= max_timesteps]
         if rng.random() < 0.5:
             value = rng.choice(values)
             argv += [flag] if value is None else [flag, value]
@@ -78,6 +81,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-timesteps", type=int, default=None, help="draw --timesteps only up to this (faster)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     data.SYSTEM_COPIES = {}  # as in the tests: only the tiny dataset made here
@@ -88,7 +92,7 @@ def main(argv=None):
         write_mnist_like(folder / "data" / "MNIST" / "raw")
         for index in range(args.runs):
             lesson = list(FLAGS)[index % len(FLAGS)]
-            flags = draw(lesson, rng)
+            flags = draw(lesson, rng, args.max_timesteps)
             argv = ["--data-dir", str(folder / "data"), "--out", str(folder / f"out{index}"), "--max-steps",
                     rng.choice(["1", "2"]), "--device", "cpu", *flags]
             if "--timesteps" not in flags:
