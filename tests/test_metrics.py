@@ -128,3 +128,25 @@ def test_command_line_prints_one_json_line(scored, tmp_path, capsys):
     assert result["samples"] == 40 and result["class_accuracy"] > 0.9 and "fd_real_floor" in result
     missing = run_in_process(metrics.main, "metrics.py", tmp_path / "none.npz", *command[4:], capsys=capsys)
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "no file" in missing.stderr
+
+
+def test_predict_makes_float64_only_on_the_cpu(monkeypatch):
+    """Features become float64 for the Frechet distance, but only after leaving the device: on Apple's MPS a
+    float64 tensor cannot exist. Stand-in: the model and images on the meta device (no data), copies to the CPU
+    made as zeros of the same shape, and .double() refused on any device but the CPU, as MPS refuses it."""
+    real_cpu, real_double = torch.Tensor.cpu, torch.Tensor.double
+
+    def cpu(self, *arguments, **options):
+        return torch.zeros(self.shape, dtype=self.dtype) if self.device.type == "meta" else real_cpu(self)
+
+    def double(self, *arguments, **options):
+        if self.device.type != "cpu":
+            raise TypeError(f"float64 on {self.device.type}: an accelerator without float64 would fail here")
+        return real_double(self, *arguments, **options)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    monkeypatch.setattr(torch.Tensor, "double", double)
+    model = metrics.Classifier(1, 28).to("meta").eval()
+    features, classes = metrics.predict(model, torch.zeros(3, 1, 28, 28, device="meta"), "meta")
+    assert features.device.type == "cpu" and features.dtype == torch.float64 and features.shape == (3, metrics.FEATURES)
+    assert classes.shape == (3,)

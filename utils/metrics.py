@@ -147,7 +147,7 @@ def predict(model, images, device):
     for start in range(0, len(images), EVAL_BATCH):
         batch = images[start:start + EVAL_BATCH].to(device)
         embedded = model.features(batch)
-        features.append(embedded.double().cpu())
+        features.append(embedded.cpu().double())  # float64 on the CPU only: Apple's MPS has none
         classes.append(model.head(embedded).argmax(dim=1).cpu())
     return torch.cat(features), torch.cat(classes)
 
