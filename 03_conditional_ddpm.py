@@ -78,7 +78,8 @@ def parse_args(argv=None):
                         help="guidance strength w >= 0 of Ho & Salimans; w = 0 is plain conditional sampling. "
                              "Libraries that call 1 + w the guidance scale (diffusers) use guidance_scale = w + 1")
     parser.add_argument("--class-label", type=int, default=None,
-                        help=f"sample only this class (0..{NUM_CLASSES - 1}); default: one row per class")
+                        help=f"sample only this class (0..{NUM_CLASSES - 1}); default: every class in turn "
+                             "(one row per class when --num-samples is a multiple of 10)")
     parser.add_argument("--timesteps", type=positive_int, default=None,
                         help=f"diffusion steps T (default {T}): the cosine schedule drawn over T steps; a checkpoint "
                              f"keeps its own T")
