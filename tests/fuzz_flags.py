@@ -4,7 +4,8 @@
 
 Each run draws, for one lesson, a value of the right type for some of its flags (edge values included), adds a
 tiny dataset, one or two training steps and a small T, and calls the lesson's main() as its command line does
-(utils.runtime.run). Acceptable: exit code 0, or exit code 1 or 2 with exactly one line on stderr. Anything
+(utils.runtime.run); when that trains, the run is continued with --resume (same flags) and sampled with
+--sample-only (flags drawn afresh: a different T or width must be refused in one line). Acceptable: exit code 0, or exit code 1 or 2 with exactly one line on stderr. Anything
 else (a traceback, an exception, several lines) is reported with the flags that caused it; the exit code is 1
 if there was any.
 """
@@ -97,14 +98,23 @@ def main(argv=None):
                     rng.choice(["1", "2"]), "--device", "cpu", *flags]
             if "--timesteps" not in flags:
                 argv += ["--timesteps", "25"]  # T = 1000 would spend minutes sampling: not what is fuzzed
+            runs = [("train", argv)]
             code, lines, crash = smoke(modules[lesson], argv)
-            ok = crash is None and (code == 0 or (code in (1, 2) and len(lines) == 1))
-            outcomes += 1
-            status = "ok" if code == 0 else f"refused ({code}): {lines[0] if lines else ''}"
-            if not ok:
-                failures += 1
-                status = "FAILED: " + (crash.strip().splitlines()[-1] if crash else f"exit {code}, {lines}")
-            print(f"{lesson} {' '.join(flags)}\n    {status}", flush=True)
+            if code == 0:  # then continue it, and sample from it, with flags drawn afresh
+                out = ["--data-dir", str(folder / "data"), "--out", str(folder / f"out{index}"), "--device", "cpu"]
+                runs += [("resume", [*out, "--resume", "--max-steps", "3", *flags]),
+                         ("sample-only", [*out, "--sample-only", *draw(lesson, rng, args.max_timesteps)])]
+            for kind, run_argv in runs:
+                if kind != "train":
+                    code, lines, crash = smoke(modules[lesson], run_argv)
+                ok = crash is None and (code == 0 or (code in (1, 2) and len(lines) == 1))
+                outcomes += 1
+                status = "ok" if code == 0 else f"refused ({code}): {lines[0] if lines else ''}"
+                if not ok:
+                    failures += 1
+                    status = "FAILED: " + (crash.strip().splitlines()[-1] if crash else f"exit {code}, {lines}")
+                print(f"{lesson} {kind} {' '.join(run_argv[6:] if kind == 'train' else run_argv[6:])}\n    {status}",
+                      flush=True)
     print(f"{outcomes} runs, {failures} failures")
     return 1 if failures else 0
 
