@@ -132,7 +132,7 @@ def draw(sampler, steps, eta, model, config, noises, args, device):
         batch = batch.to(device)
         if sampler == "ddpm":
             # Lesson 02's sampler draws x_T itself; replay it through its steps instead, from this x_T,
-            # with x0 clipped (as lesson 04's samplers clip it here).
+            # with x0 clipped, as lesson 02 does by default.
             x_t = batch
             for t in range(config["timesteps"] - 1, -1, -1):
                 x_t, _ = lesson02.sample_step(model, x_t, t, constants, generator, True, prediction)

@@ -33,16 +33,11 @@ def working_dtype(tensor):
     return torch.float64 if tensor.device.type == "cpu" else torch.float32
 
 
-def on_device_of(reference, tensor):
-    """tensor, moved to reference's device when it is elsewhere (the weights are made on the CPU)."""
-    return tensor if tensor.device == reference.device else tensor.to(reference.device)
-
-
 def lerp(a, b, w):
     """Linear interpolation (1 - w) a + w b, for each weight in w [K] -> [K, *a.shape], on a's device and in
     a's dtype (computed in working_dtype)."""
     dtype = working_dtype(a)
-    w = on_device_of(a, torch.as_tensor(w).to(dtype)).view(-1, *([1] * a.dim()))
+    w = torch.as_tensor(w, dtype=dtype, device=a.device).view(-1, *([1] * a.dim()))
     return ((1 - w) * a.to(dtype) + w * b.to(dtype)).to(a.dtype)
 
 
@@ -60,7 +55,7 @@ def slerp(a, b, w, parallel_threshold=1e-4):
     if a.shape != b.shape:
         raise ValueError(f"cannot interpolate between shapes {tuple(a.shape)} and {tuple(b.shape)}")
     dtype = working_dtype(a)
-    w = on_device_of(a, torch.as_tensor(w).to(dtype)).view(-1, 1)
+    w = torch.as_tensor(w, dtype=dtype, device=a.device).view(-1, 1)
     flat_a, flat_b = a.to(dtype).flatten(), b.to(dtype).flatten()
     norm_a, norm_b = flat_a.norm(), flat_b.norm()
     if norm_a == 0 or norm_b == 0:
