@@ -148,26 +148,56 @@ def no_system_copies_or_downloads(monkeypatch):
     monkeypatch.setattr(data, "_download", offline)
 
 
+CPU_FLOAT64_BY_DESIGN = ("metrics.py:", "interpolation.py:")
+
+
 @pytest.fixture
 def float32_on_device(monkeypatch):
-    """Records the dtype of every tensor moved to a device with .to(device, ...) (modules move theirs the same
-    way) while the test runs, then fails if one was float64: Apple's MPS has no float64, so a lesson must
-    move only float32 and integer tensors. Works on the CPU, where the tests run."""
+    """Apple's MPS has no float64, so a lesson must move only float32 and integer tensors to its device, and
+    no helper may turn the model's tensors into float64. While the test runs this records the dtype of every
+    tensor moved with .to(device, ...) (modules move theirs the same way), and every conversion to float64
+    (.double(), .to(torch.float64), .type(torch.float64)) made outside the two helpers that use float64 on
+    the CPU only, by design: utils/metrics.py (statistics of an explicit .cpu() copy) and utils/interpolation.py
+    (float64 only for CPU inputs: its working_dtype). It fails if a float64 tensor was moved or converted. Works on
+    the CPU, where the tests run; tests/test_visualize.py and test_interpolation.py run the helpers on a
+    stand-in device, where a CPU tensor created inside a helper would raise."""
     import torch
 
-    moved = []
-    original = torch.Tensor.to
+    moved, converted = [], []
+    original_to, original_double, original_type = torch.Tensor.to, torch.Tensor.double, torch.Tensor.type
+
+    def record_conversion(result):
+        frame = sys._getframe(2)  # the code that called .to, .double or .type
+        where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+        if result.dtype == torch.float64 and not where.startswith(CPU_FLOAT64_BY_DESIGN):
+            converted.append(where)
 
     def to(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
+        result = original_to(self, *args, **kwargs)
         if "device" in kwargs or any(isinstance(arg, (torch.device, str)) for arg in args):
             moved.append(result.dtype)
+        if result.dtype == torch.float64 and self.dtype != torch.float64:
+            record_conversion(result)
+        return result
+
+    def double(self, *args, **kwargs):
+        result = original_double(self, *args, **kwargs)
+        record_conversion(result)
+        return result
+
+    def type_(self, *args, **kwargs):
+        result = original_type(self, *args, **kwargs)
+        if isinstance(result, torch.Tensor) and result.dtype == torch.float64 and self.dtype != torch.float64:
+            record_conversion(result)
         return result
 
     monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "double", double)
+    monkeypatch.setattr(torch.Tensor, "type", type_)
     yield moved
     assert moved, "no tensor was moved to a device: the check saw nothing"
     assert torch.float64 not in moved, f"{moved.count(torch.float64)} float64 tensor(s) moved to a device"
+    assert not converted, f"tensors converted to float64 at {sorted(set(converted))}"
 
 
 def assert_sampling_uses_the_ema_weights(checkpoint_path, sample_only, tmp_path):

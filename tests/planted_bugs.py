@@ -77,6 +77,10 @@ BUGS = [
      "middle = cov_a * cov_b", ["tests/test_metrics.py"]),
     ("metrics FD: tr sqrt counted once", "utils/metrics.py", "- 2 * trace_sqrt", "- trace_sqrt",
      ["tests/test_metrics.py"]),
+    ("04 a DDIM step in float64", "04_ddim_fast_sampling.py", "    return x_prev\n", "    return x_prev.double().float()\n",
+     ["tests/test_lesson04.py"]),
+    ("utils reverse-process noise left on the CPU", "utils/visualize.py",
+     ".to(reference.device, reference.dtype)", "", ["tests/test_visualize.py"]),
 ]
 
 

@@ -148,6 +148,32 @@ def test_ideal_reverse_process_ends_on_a_reference_image():
     assert torch.cdist(xs[199].flatten(1), reference.flatten(1)).min() > 2  # while it starts far from them, in noise
 
 
+def test_denoiser_helpers_keep_the_device_and_dtype_of_their_inputs():
+    """No CPU or float64 tensor may meet an accelerator's (Apple's MPS has no float64). noised, ideal_x0 and
+    ideal_reverse run on the meta device, a stand-in for CUDA or MPS: an operation that mixed in a CPU tensor
+    would raise, and every tensor an operation returns is recorded."""
+    from torch.overrides import TorchFunctionMode
+
+    class Recorder(TorchFunctionMode):
+        on_device = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and result.device.type == "meta":
+                self.on_device.add(result.dtype)
+            return result
+
+    reference = torch.randn(3, 1, 6, 6, device="meta")
+    betas = visualize.schedule_betas("linear", T=20)  # the schedule itself is CPU float64 turned into floats
+    with Recorder() as recorder:
+        x_t = visualize.noised(reference, 0.5, torch.randn_like(reference))
+        x0_pred = visualize.ideal_x0(x_t, 0.5, reference)
+        xs, x0s, final = visualize.ideal_reverse(reference, 2, betas, torch.Generator().manual_seed(0), {19, 0})
+    for result in (x_t, x0_pred, final, *xs.values(), *x0s.values()):
+        assert result.device.type == "meta" and result.dtype == torch.float32
+    assert recorder.on_device == {torch.float32}, recorder.on_device
+
+
 def test_command_line_draws_each_figure(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "figures"
     metrics = tmp_path / "run" / "metrics.csv"

@@ -267,10 +267,15 @@ def ideal_x0(x_t, alpha_bar, reference):
 
 def ideal_reverse(reference, count, betas, generator, keep):
     """DDPM ancestral sampling (Algorithm 2 through the posterior, Eq. 7) with ideal_x0 as the model.
-    Returns {t: x_t} and {t: x0_pred} for t in `keep`, and the final images."""
+    Returns {t: x_t} and {t: x0_pred} for t in `keep`, and the final images [count, C, H, W], all on reference's
+    device and in its dtype. The noise is drawn by the CPU `generator` (the same images on every device)."""
     alpha_bars = torch.cumprod(1 - betas, dim=0).tolist()
     betas = betas.tolist()
-    x_t = torch.randn((count, *reference.shape[1:]), generator=generator)
+
+    def noise():
+        return torch.randn((count, *reference.shape[1:]), generator=generator).to(reference.device, reference.dtype)
+
+    x_t = noise()
     xs, x0s = {}, {}
     for t in range(len(betas) - 1, -1, -1):
         alpha_bar, alpha_bar_prev = alpha_bars[t], alpha_bars[t - 1] if t > 0 else 1.0
@@ -281,7 +286,7 @@ def ideal_reverse(reference, count, betas, generator, keep):
         mean = (math.sqrt(alpha_bar_prev) * betas[t] * x0_pred
                 + math.sqrt(1 - betas[t]) * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas[t]
-        x_t = mean + math.sqrt(variance) * torch.randn(x_t.shape, generator=generator) if t > 0 else mean
+        x_t = mean + math.sqrt(variance) * noise() if t > 0 else mean
     return xs, x0s, x_t.clamp(-1, 1)
 
 
