@@ -5,13 +5,15 @@
 Each run draws, for one lesson, a value of the right type for some of its flags (edge values included), adds a
 tiny dataset, one or two training steps and a small T, and calls the lesson's main() as its command line does
 (utils.runtime.run); when that trains, the run is continued with --resume (same flags) and sampled with
---sample-only (flags drawn afresh: a different T or width must be refused in one line). Acceptable: exit code 0, or exit code 1 or 2 with exactly one line on stderr. Anything
+--sample-only (flags drawn afresh: a different T or width must be refused in one line), and each lesson 02 or 04 checkpoint is
+also run through examples/compare_methods.py with its own drawn flags. Acceptable: exit code 0, or exit code 1 or 2 with exactly one line on stderr. Anything
 else (a traceback, an exception, several lines) is reported with the flags that caused it; the exit code is 1
 if there was any.
 """
 import argparse
 import contextlib
 import io
+import os
 import random
 import sys
 import tempfile
@@ -47,13 +49,18 @@ FLAGS = {
                                "--latent-channels": ["1", "4"], "--steps": ["1", "2", "5"], "--eta": ["0", "1"],
                                "--kl-weight": ["0", "1e-3"], "--interpolate": [None]},
 }
+# examples/compare_methods.py, fuzzed on each lesson 02 or 04 checkpoint that the runs above make.
+COMPARE_FLAGS = {"--steps": ["1", "2,3", "25", "1,30", "3,3"], "--samplers": ["ddim", "dpm-solver++", "ddim,dpm-solver++"],
+                 "--eta": ["0", "0,1", "0.5", "1.5"], "--timestep-spacing": ["trailing", "leading", "logsnr", "quadratic"],
+                 "--clip-x0": [None], "--no-clip-x0": [None], "--num-samples": ["1", "3"], "--ddpm-samples": ["1", "2"],
+                 "--batch-size": ["1", "2", "64"], "--seed": ["0", "5"]}
 
 
 def draw(lesson, rng, max_timesteps=None):
     """A random subset of the lesson's flags, each with a random value of its list (--timesteps at most
     max_timesteps, when given)."""
     argv = []
-    for flag, values in FLAGS[lesson].items():
+    for flag, values in (COMPARE_FLAGS if lesson == "compare" else FLAGS[lesson]).items():
         if flag == "--timesteps" and max_timesteps:
             values = [value for value in values if int(value) <= max_timesteps]
         if rng.random() < 0.5:
@@ -87,10 +94,13 @@ def main(argv=None):
     rng = random.Random(args.seed)
     data.SYSTEM_COPIES = {}  # as in the tests: only the tiny dataset made here
     modules = {lesson: load_lesson(lesson) for lesson in FLAGS}
+    modules["compare"] = load_lesson("examples/compare_methods.py")
     failures = outcomes = 0
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         write_mnist_like(folder / "data" / "MNIST" / "raw")
+        write_mnist_like(folder / "data" / "MNIST" / "raw", count=64, split="test")  # the classifier's test split
+        os.chdir(folder)  # compare_methods caches its classifier under ./outputs/metrics: keep it out of the repo
         for index in range(args.runs):
             lesson = list(FLAGS)[index % len(FLAGS)]
             flags = draw(lesson, rng, args.max_timesteps)
@@ -104,16 +114,21 @@ def main(argv=None):
                 out = ["--data-dir", str(folder / "data"), "--out", str(folder / f"out{index}"), "--device", "cpu"]
                 runs += [("resume", [*out, "--resume", "--max-steps", "3", *flags]),
                          ("sample-only", [*out, "--sample-only", *draw(lesson, rng, args.max_timesteps)])]
+                if lesson in ("02_ddpm.py", "04_ddim_fast_sampling.py"):  # scoring trains a classifier: rarely
+                    metrics = [] if rng.random() < 0.2 else ["--no-metrics"]
+                    runs += [("compare", ["--data-dir", str(folder / "data"), "--out", str(folder / f"compare{index}"),
+                                          "--device", "cpu", "--checkpoint", str(folder / f"out{index}" / "checkpoint.pt"),
+                                          *metrics, *draw("compare", rng)])]
             for kind, run_argv in runs:
                 if kind != "train":
-                    code, lines, crash = smoke(modules[lesson], run_argv)
+                    code, lines, crash = smoke(modules["compare" if kind == "compare" else lesson], run_argv)
                 ok = crash is None and (code == 0 or (code in (1, 2) and len(lines) == 1))
                 outcomes += 1
                 status = "ok" if code == 0 else f"refused ({code}): {lines[0] if lines else ''}"
                 if not ok:
                     failures += 1
                     status = "FAILED: " + (crash.strip().splitlines()[-1] if crash else f"exit {code}, {lines}")
-                print(f"{lesson} {kind} {' '.join(run_argv[6:] if kind == 'train' else run_argv[6:])}\n    {status}",
+                print(f"{lesson} {kind} {' '.join(run_argv[6:])}\n    {status}",
                       flush=True)
     print(f"{outcomes} runs, {failures} failures")
     return 1 if failures else 0
