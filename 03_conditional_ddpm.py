@@ -39,6 +39,7 @@ MAX_BETA = 0.999  # Improved DDPM Section 3.2: betas clipped at 0.999
 NUM_CLASSES = 10  # every dataset of the course has ten classes
 ATTENTION_LEVEL = 1  # self-attention at the second resolution (14x14 for MNIST, 16x16 for CIFAR-10)
 EMA_WARMUP = 10  # EMA decay rises as (1 + step) / (10 + step) towards --ema-decay
+GUIDANCE_WEIGHT = 2.0  # w of samples.png: clear classes, still varied (README, "Lesson 03": the sweep)
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # guidance strengths w in guidance.png, one row each
 LOG_EVERY = 50  # steps between rows of metrics.csv
 GIF_FRAMES = 40  # snapshots of the reverse process kept for denoising.gif
@@ -74,9 +75,13 @@ def parse_args(argv=None):
                         "(paper: 0.9999)")
     parser.add_argument("--p-uncond", type=float, default=0.1,
                         help="probability of dropping a label during training (paper: 0.1 or 0.2)")
-    parser.add_argument("--guidance-scale", type=non_negative_float, default=2.0,
-                        help="guidance strength w >= 0 of Ho & Salimans; w = 0 is plain conditional sampling. "
-                             "Libraries that call 1 + w the guidance scale (diffusers) use guidance_scale = w + 1")
+    guidance = parser.add_mutually_exclusive_group()
+    guidance.add_argument("--guidance-weight", type=non_negative_float, default=None,
+                          help=f"guidance strength w >= 0 of Ho & Salimans Eq. 6 (default {GUIDANCE_WEIGHT:g}); "
+                               "w = 0 is plain conditional sampling")
+    guidance.add_argument("--guidance-scale", type=positive_float, default=None,
+                          help="the same strength in diffusers' convention, guidance_scale = 1 + w (so 7.5 there is "
+                               "w = 6.5 here); at least 1")
     parser.add_argument("--class-label", type=int, default=None,
                         help=f"sample only this class (0..{NUM_CLASSES - 1}); default: every class in turn "
                              "(one row per class when --num-samples is a multiple of 10)")
@@ -106,6 +111,10 @@ def parse_args(argv=None):
         parser.error("--resume and --sample-only cannot be used together")
     if args.class_label is not None and not 0 <= args.class_label < NUM_CLASSES:
         parser.error(f"--class-label must be between 0 and {NUM_CLASSES - 1}, got {args.class_label}")
+    if args.guidance_scale is not None and args.guidance_scale < 1.0:
+        parser.error(f"--guidance-scale is diffusers' 1 + w and must be at least 1, got {args.guidance_scale:g}")
+    if args.guidance_weight is None:
+        args.guidance_weight = GUIDANCE_WEIGHT if args.guidance_scale is None else args.guidance_scale - 1.0
     if not 0.0 <= args.p_uncond < 1.0:
         parser.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -347,8 +356,8 @@ def guided_eps(model, x_t, t, labels, w):
     # one large batch keeps the CPU's cores busier than two small ones.
     eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
     # Ho & Salimans Eq. 6: eps = (1 + w) eps(x_t, c) - w eps(x_t): push away from the unconditional
-    # prediction, towards what makes the image more typical of class c. In the convention
-    # eps_uncond + s (eps_cond - eps_uncond) of other libraries, s = 1 + w.
+    # prediction, towards what makes the image more typical of class c. diffusers writes the same as
+    # eps_uncond + guidance_scale (eps_cond - eps_uncond), with guidance_scale = 1 + w.
     return (1 + w) * eps_cond - w * eps_uncond
 
 
@@ -465,7 +474,7 @@ def sample_labels(args, device):
 
 
 def write_samples(model, schedule, config, args, device):
-    """Sample at --guidance-scale (samples.png/.npz, denoising.gif/.png) and the guidance sweep; return paths."""
+    """Sample at --guidance-weight (samples.png/.npz, denoising.gif/.png) and the guidance sweep; return paths."""
     shape = (config["channels"], config["image_size"], config["image_size"])
     labels = sample_labels(args, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -474,9 +483,9 @@ def write_samples(model, schedule, config, args, device):
     gif_steps, strip_steps = visualize.gif_steps(timesteps, GIF_FRAMES), visualize.strip_steps(timesteps)
     started = time.perf_counter()
     images, kept = in_batches(len(labels), args.sample_batch_size, lambda start, count: sample(
-        model, schedule, labels[start:start + count], args.guidance_scale, x_T[start:start + count], generator,
+        model, schedule, labels[start:start + count], args.guidance_weight, x_T[start:start + count], generator,
         keep={*gif_steps, *strip_steps}))
-    print(f"sampled {len(labels)} images at w={args.guidance_scale:g} in {time.perf_counter() - started:.1f} s")
+    print(f"sampled {len(labels)} images at w={args.guidance_weight:g} in {time.perf_counter() - started:.1f} s")
     per_row = len(labels) if args.class_label is not None else math.ceil(args.num_samples / NUM_CLASSES)
     paths = [
         visualize.save_grid(images, args.out / "samples.png", nrow=per_row),

@@ -190,7 +190,7 @@ def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch, 
         lesson03.main(["--data-dir", str(small_data_dir), "--out", str(trained), "--max-steps", "3", *TINY])
     out = tmp_path / "sampled"
     lesson03.main(["--sample-only", "--checkpoint", str(trained / "checkpoint.pt"), "--out", str(out),
-                   "--class-label", "3", "--num-samples", "2", "--guidance-scale", "0"])
+                   "--class-label", "3", "--num-samples", "2", "--guidance-weight", "0"])
     assert np.load(out / "samples.npz")["labels"].tolist() == [3, 3]
     assert not (out / "checkpoint.pt").exists()
     with monkeypatch.context() as patch:  # the guidance sweep is not what is checked here
@@ -217,14 +217,26 @@ def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(small_data_dir
 @pytest.mark.parametrize("flags,expected", [
     (["--class-label", "10"], "--class-label must be between 0 and 9, got 10"),
     (["--class-label", "-1"], "--class-label must be between 0 and 9, got -1"),
-    (["--guidance-scale", "-0.5"], "--guidance-scale: must be a finite number of at least 0"),
-    (["--guidance-scale", "nan"], "--guidance-scale: must be a finite number of at least 0"),
+    (["--guidance-weight", "-0.5"], "--guidance-weight: must be a finite number of at least 0"),
+    (["--guidance-weight", "nan"], "--guidance-weight: must be a finite number of at least 0"),
+    (["--guidance-scale", "0.5"], "--guidance-scale is diffusers' 1 + w and must be at least 1, got 0.5"),
+    (["--guidance-scale", "inf"], "--guidance-scale: must be a finite number above 0"),
+    (["--guidance-scale", "3", "--guidance-weight", "2"], "not allowed with argument"),
     (["--p-uncond", "1"], "--p-uncond must be in [0, 1)"),
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
     (["--dataset", "svhn"], "--dataset: invalid choice"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, lesson03, capsys, tmp_path):
     assert_refused(lesson03.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)
+
+
+def test_guidance_scale_is_diffusers_one_plus_w(lesson03):
+    """--guidance-weight is the paper's w; --guidance-scale is diffusers' guidance_scale = 1 + w, so that a value
+    typed from a diffusers example means the same strength here."""
+    assert lesson03.parse_args([]).guidance_weight == lesson03.GUIDANCE_WEIGHT
+    assert lesson03.parse_args(["--guidance-weight", "0.5"]).guidance_weight == 0.5
+    assert lesson03.parse_args(["--guidance-scale", "7.5"]).guidance_weight == 6.5
+    assert lesson03.parse_args(["--guidance-scale", "1"]).guidance_weight == 0.0
 
 
 def test_class_label_out_of_range_from_the_command_line(tmp_path, lesson03, capsys):
