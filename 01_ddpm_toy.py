@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=positive_float, default=2e-3,
                         help="peak Adam learning rate, warm-up then cosine decay (paper: 2e-4 constant)")
     parser.add_argument("--width", type=positive_int, default=16,
-                        help="U-Net channels at full resolution, doubled at each downsampling (paper: 128)")
+                        help="U-Net channels at full resolution, doubled at each downsampling (DDPM's released code: 128)")
     parser.add_argument("--timesteps", type=positive_int, default=None,
                         help=f"diffusion steps T (default {T}, as in the paper; try 500 or 2000); the betas are "
                              f"scaled by 1000 / T. A checkpoint keeps its own T")

@@ -81,9 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step and process (paper: 128)")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate after warm-up "
                         "(paper: 2e-4 for CIFAR-10; a small model in a short run learns faster at 1e-3)")
-    parser.add_argument("--warmup-steps", type=int, default=200, help="steps of linear learning-rate warm-up (paper: 5000)")
+    parser.add_argument("--warmup-steps", type=int, default=200, help="steps of linear learning-rate warm-up (DDPM's released code: 5000)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (paper: none)")
-    parser.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this (paper: 1)")
+    parser.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this (DDPM's released code: 1)")
     parser.add_argument("--ema-decay", type=float, default=0.999,
                         help="EMA decay of the sampling weights; averages over ~1/(1-decay) steps (paper: 0.9999)")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
@@ -99,9 +99,9 @@ def parse_args(argv=None):
                         help="sampling variance sigma_t^2: the posterior's beta_tilde_t, or beta_t (paper: both work)")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
                         help="clip the predicted x0 to [-1, 1] while sampling, as the paper's code does")
-    parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (paper: 128)")
+    parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (DDPM's released code: 128)")
     parser.add_argument("--channel-mults", type=channel_mults, default=(1, 2, 4),
-                        help="width multiplier per resolution (paper: 1,2,2,2 for 32x32)")
+                        help="width multiplier per resolution (DDPM's released code: 1,2,2,2 for 32x32)")
     parser.add_argument("--num-res-blocks", type=positive_int, default=1, help="ResNet blocks per resolution (paper: 2)")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout in ResNet blocks (paper: 0.1 on CIFAR-10)")
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
@@ -157,7 +157,7 @@ def make_schedule(name, device, timesteps=T):
     alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
     schedule = {
         "betas": betas, "alphas": alphas, "alpha_bars": alpha_bars, "alpha_bars_prev": alpha_bars_prev,
-        # DDPM Eq. 7: q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde_t I) with
+        # DDPM Eq. 6: q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde_t I), with Eq. 7's
         # mu_tilde = sqrt(alpha_bar_prev) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) x_t
         "posterior_x0_weights": alpha_bars_prev.sqrt() * betas / (1 - alpha_bars),
         "posterior_xt_weights": alphas.sqrt() * (1 - alpha_bars_prev) / (1 - alpha_bars),
@@ -173,7 +173,7 @@ def add_noise(x0, t, eps, schedule):
     return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps
 
 
-# --- model: the U-Net of DDPM Appendix B ---
+# --- model: the U-Net of DDPM Appendix B (its sizes from DDPM's released code) ---
 
 def norm_groups(channels):
     """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
@@ -263,7 +263,7 @@ class UNet(nn.Module):
     def __init__(self, channels=1, width=16, channel_mults=(1, 2, 4), num_res_blocks=1, dropout=0.0):
         super().__init__()
         self.width = width
-        embedding_dim = 4 * width  # DDPM Appendix B: sinusoidal embedding, then two dense layers of 4x width
+        embedding_dim = 4 * width  # DDPM's released code: sinusoidal embedding, then two dense layers of 4x width
         self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
                                       nn.Linear(embedding_dim, embedding_dim))
         self.stem = nn.Conv2d(channels, width, 3, padding=1)

@@ -69,10 +69,10 @@ def parse_args(argv=None):
     length.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps instead")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate after warm-up "
-                        "(paper: 2e-4 at 64x64; a small model in a short run learns faster at 1e-3)")
+                        "(DDPM: 2e-4; a small model in a short run learns faster at 1e-3)")
     parser.add_argument("--warmup-steps", type=int, default=200, help="steps of linear learning-rate warm-up")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights "
-                        "(paper: 0.9999)")
+                        "(DDPM: 0.9999)")
     parser.add_argument("--p-uncond", type=float, default=0.1,
                         help="probability of dropping a label during training (paper: 0.1 or 0.2)")
     guidance = parser.add_mutually_exclusive_group()
@@ -88,10 +88,10 @@ def parse_args(argv=None):
     parser.add_argument("--timesteps", type=positive_int, default=None,
                         help=f"diffusion steps T (default {T}): the cosine schedule drawn over T steps; a checkpoint "
                              f"keeps its own T")
-    parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (paper: 128)")
+    parser.add_argument("--width", type=positive_int, default=16, help="channels at full resolution (DDPM's released code: 128)")
     parser.add_argument("--channel-mults", type=channel_mults, default=(1, 2, 4), help="width multiplier per resolution")
     parser.add_argument("--num-res-blocks", type=positive_int, default=1, help="ResNet blocks per resolution")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in ResNet blocks (paper: 0.1 on CIFAR-10)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in ResNet blocks (DDPM: 0.1 on CIFAR-10)")
     parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="random seed for data order, noise and sampling")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
@@ -142,7 +142,7 @@ def make_schedule(device, timesteps=T):
     alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
     schedule = {
         "betas": betas, "alpha_bars": alpha_bars,
-        # DDPM Eq. 7: the mean and variance of q(x_{t-1} | x_t, x_0).
+        # DDPM Eqs. 6-7: q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde_t I), mean and variance from Eq. 7.
         "posterior_x0_weights": alpha_bars_prev.sqrt() * betas / (1 - alpha_bars),
         "posterior_xt_weights": alphas.sqrt() * (1 - alpha_bars_prev) / (1 - alpha_bars),
         "posterior_variances": (1 - alpha_bars_prev) / (1 - alpha_bars) * betas,
@@ -242,8 +242,9 @@ class ConditionalUNet(nn.Module):
         embedding_dim = 4 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
                                       nn.Linear(embedding_dim, embedding_dim))
-        # Ho & Salimans Section 3.2: one learned vector per class plus one for the null token, added to
-        # the time embedding, so the class reaches every ResNet block the way the timestep does.
+        # One learned vector per class, added to the time embedding so that the class reaches every ResNet
+        # block the way the timestep does (as in guided-diffusion's released code, Dhariwal & Nichol 2021),
+        # plus one more for Ho & Salimans' null token (Section 3.2): "no class", for the unconditional model.
         self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim)
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
         skip_channels, current = [width], width

@@ -256,7 +256,7 @@ class UNet(nn.Module):
     def __init__(self, channels=1, width=16, channel_mults=(1, 2, 4), num_res_blocks=1, dropout=0.0):
         super().__init__()
         self.width = width
-        embedding_dim = 4 * width  # DDPM Appendix B: sinusoidal embedding, then two dense layers of 4x width
+        embedding_dim = 4 * width  # DDPM's released code: sinusoidal embedding, then two dense layers of 4x width
         self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
                                       nn.Linear(embedding_dim, embedding_dim))
         self.stem = nn.Conv2d(channels, width, 3, padding=1)

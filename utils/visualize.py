@@ -266,7 +266,7 @@ def ideal_x0(x_t, alpha_bar, reference):
 
 
 def ideal_reverse(reference, count, betas, generator, keep):
-    """DDPM ancestral sampling (Algorithm 2 through the posterior, Eq. 7) with ideal_x0 as the model.
+    """DDPM ancestral sampling (Algorithm 2 through the posterior, Eqs. 6-7) with ideal_x0 as the model.
     Returns {t: x_t} and {t: x0_pred} for t in `keep`, and the final images [count, C, H, W], all on reference's
     device and in its dtype. The noise is drawn by the CPU `generator` (the same images on every device)."""
     alpha_bars = torch.cumprod(1 - betas, dim=0).tolist()
