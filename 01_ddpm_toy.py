@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
-    last_good, load_checkpoint, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
-    saved_timesteps, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, StopRequest, TrainingLog,
+    check_finite, checkpoint_due, in_batches, load_checkpoint, pick_device, positive_float, positive_int, require_same,
+    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, writable_dir,
 )
 
 LESSON = "01_ddpm_toy"
@@ -240,55 +240,41 @@ def make_state(model, optimizer, step, generator, config):
 
 
 def train(args, model, images, schedule, config, device, start=None):
-    """Train on `images` [N, C, H, W] (in memory on `device`); writes checkpoint and metrics.csv."""
+    """Train on `images` [N, C, H, W] (in memory on `device`); writes checkpoint.pt and metrics.csv."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step = 0
-    if start is not None:
+    if start is not None:  # --resume: every state that decides what comes next
         model.load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
         generator.set_state(start["rng"]["generator"])
         torch.set_rng_state(start["rng"]["torch"])
         step = start["step"]
-    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
-    checkpoint_path, log = args.out / "checkpoint.pt", MetricsLog(args.out / "metrics.csv", append=start is not None)
+    total_steps, checkpoint_path = config["total_steps"], args.out / "checkpoint.pt"
+    order = EpochOrder(len(images), args.batch_size, config["steps_per_epoch"], args.seed)
+    log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size, LOG_EVERY, start is not None)
     model.train()
-    progress = tqdm(total=total_steps, initial=step, desc="training", unit="step")
-    running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-    order, order_epoch = None, None
     with StopRequest() as stop:
         while step < total_steps and not stop.requested:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                # A fresh shuffle each epoch, seeded by the epoch so that --resume sees the same order.
-                order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
-                order_epoch = epoch
-            batch = order[position * args.batch_size:(position + 1) * args.batch_size].to(device)
+            # a batch of clean images x0, and this step's learning rate
+            x0 = images[order.batch(step).to(device)]
             lr = learning_rate(step, total_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = loss_fn(model, images[batch], schedule, generator)
-            if not torch.isfinite(loss):
-                raise LessonError(f"loss became {loss.item()} at step {step}; "
-                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
+            set_learning_rate(optimizer, lr)
+            # the loss: noise x0 at random timesteps, predict the noise (DDPM Algorithm 1)
+            loss = loss_fn(model, x0, schedule, generator)
+            check_finite(loss.item(), step, checkpoint_path)
+            # the update
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            running_loss, window_steps = running_loss + loss.item(), window_steps + 1
-            progress.update(1)
-            if step % LOG_EVERY == 0 or step == total_steps:
-                speed = window_steps * args.batch_size / (time.perf_counter() - window_start)
-                log.write(step, running_loss / window_steps, lr, speed)
-                progress.set_postfix(loss=f"{running_loss / window_steps:.4f}", img_s=f"{speed:.0f}")
-                running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if step % steps_per_epoch == 0 or step == total_steps or stop.requested:
+            # log, and save what --resume needs once per epoch, at the end, and on Ctrl-C
+            log.add(step, loss.item(), lr)
+            if checkpoint_due(step, total_steps, config["steps_per_epoch"], stop.requested):
                 save_checkpoint(make_state(model, optimizer, step, generator, config), checkpoint_path)
-    progress.close()
     log.close()
     if stop.requested:
-        raise Interrupted(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint_path}; "
-                          f"continue with --resume")
+        raise stopped_early(step, total_steps, checkpoint_path)
     return step
 
 

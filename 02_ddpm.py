@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
-    last_good, load_checkpoint, pick_device, positive_float, positive_int, require_same, run, save_checkpoint,
-    saved_timesteps, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
+    check_finite, checkpoint_due, in_batches, load_checkpoint, mean_over_processes, pick_device, positive_float,
+    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
+    warmup_learning_rate, writable_dir,
 )
 
 LESSON = "02_ddpm"
@@ -417,11 +418,6 @@ def sample(model, schedule, shape, generator, variance="posterior", clip_x0=True
 
 # --- training ---
 
-def learning_rate(step, peak, warmup_steps):
-    """Linear warm-up to `peak`, then constant, as in the paper (EMA does the smoothing)."""
-    return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
-
-
 def mixed_precision(precision, device):
     """The autocast dtype for --precision (None: float32). Only CUDA runs in reduced precision here."""
     if precision == "auto":
@@ -453,15 +449,6 @@ def restore_rng_states(states, generator, rank):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def agree(values, world_size, device):
-    """The mean over processes of a few floats, so that every process takes the same decisions."""
-    if world_size == 1:
-        return values
-    values = torch.tensor(values, dtype=torch.float32, device=device)  # NCCL reduces only GPU tensors; MPS has no float64
-    dist.all_reduce(values)
-    return (values / world_size).tolist()
-
-
 def update_weights(loss, model, optimizer, scaler, grad_clip):
     """One AdamW step: backward (fp16: through a scaled loss), gradient-norm clipping, update."""
     optimizer.zero_grad(set_to_none=True)
@@ -481,69 +468,61 @@ def make_state(model, ema, optimizer, scaler, step, generator, config, world_siz
 
 
 def train(args, model, ema, images, schedule, config, device, rank, world_size, start=None):
-    """Train on `images` [N, C, H, W] (in memory on `device`); rank 0 writes checkpoints and metrics.csv."""
+    """Train on `images` [N, C, H, W] (in memory on `device`); rank 0 writes checkpoint.pt and metrics.csv."""
     network = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype = mixed_precision(args.precision, device)
     # fp16 overflows without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process its own noise
-    # DistributedSampler gives each process its own share of a fresh shuffle every epoch.
-    sampler = DistributedSampler(range(len(images)), world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
     step = 0
-    if start is not None:
+    if start is not None:  # --resume: every state that decides what comes next
         model.load_state_dict(start["model"])
         ema.model.load_state_dict(start["ema"])
         optimizer.load_state_dict(start["optimizer"])
         scaler.load_state_dict(start["scaler"])
         restore_rng_states(start["rng"], generator, rank)
         step = start["step"]
-    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
-    checkpoint_path = args.out / "checkpoint.pt"
-    log = MetricsLog(args.out / "metrics.csv", append=start is not None) if rank == 0 else None
+    total_steps, checkpoint_path = config["total_steps"], args.out / "checkpoint.pt"
+    # DistributedSampler gives each process its own share of a fresh shuffle every epoch.
+    sampler = DistributedSampler(range(len(images)), world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+
+    def share_of_shuffle(epoch):
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler))
+
+    order = EpochOrder(len(images), args.batch_size, config["steps_per_epoch"], args.seed, share_of_shuffle)
+    log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size * world_size, LOG_EVERY,
+                      start is not None, enabled=rank == 0)
     network.train()
-    progress = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
-    running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-    order_epoch = None
     with StopRequest() as stop:
         while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                sampler.set_epoch(epoch)
-                order, order_epoch = torch.tensor(list(sampler)), epoch
-            batch = order[position * args.batch_size:(position + 1) * args.batch_size].to(device)
-            lr = learning_rate(step, args.lr, args.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            # a batch of clean images x0, and this step's learning rate
+            x0 = images[order.batch(step).to(device)]
+            lr = warmup_learning_rate(step, args.lr, args.warmup_steps)
+            set_learning_rate(optimizer, lr)
+            # the loss (DDPM Algorithm 1, or its v target), in mixed precision on CUDA
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                loss = loss_fn(network, images[batch], schedule, generator, config["prediction"])
-            mean_loss, stop_votes = agree([loss.item(), float(stop.requested)], world_size, device)
-            if not math.isfinite(mean_loss):
-                raise LessonError(f"loss became {mean_loss} at step {step}; "
-                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
+                loss = loss_fn(network, x0, schedule, generator, config["prediction"])
+            # every process must take the same decisions: the mean loss, and whether any was asked to stop
+            mean_loss, stop_votes = mean_over_processes([loss.item(), float(stop.requested)], world_size, device)
+            check_finite(mean_loss, step, checkpoint_path)
+            # the update, then the EMA of the weights that sampling uses
             update_weights(loss, model, optimizer, scaler, args.grad_clip)
             ema.update(model, step)
             step += 1
-            running_loss, window_steps = running_loss + mean_loss, window_steps + 1
-            progress.update(1)
-            if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
-                speed = window_steps * args.batch_size * world_size / (time.perf_counter() - window_start)
-                log.write(step, running_loss / window_steps, lr, speed)
-                progress.set_postfix(loss=f"{running_loss / window_steps:.4f}", img_s=f"{speed:.0f}")
-                running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            # log, and save what --resume needs (every process takes part in gathering the random states)
+            log.add(step, mean_loss, lr)
             stopping = stop_votes > 0
-            if step % args.checkpoint_every == 0 or step == total_steps or stopping:
+            if checkpoint_due(step, total_steps, args.checkpoint_every, stopping):
                 state = make_state(model, ema, optimizer, scaler, step, generator, config, world_size)
                 if rank == 0:
                     save_checkpoint(state, checkpoint_path)
             if stopping:
                 break
-    progress.close()
-    if log is not None:
-        log.close()
+    log.close()
     if step < total_steps:
-        raise Interrupted(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint_path}; "
-                          f"continue with --resume")
+        raise stopped_early(step, total_steps, checkpoint_path)
 
 
 # --- main ---

@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
-    last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, require_same, run,
-    save_checkpoint, saved_timesteps, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
+    check_finite, checkpoint_due, in_batches, load_checkpoint, non_negative_float, pick_device, positive_float,
+    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
+    warmup_learning_rate, writable_dir,
 )
 
 LESSON = "03_conditional_ddpm"
@@ -42,6 +43,7 @@ EMA_WARMUP = 10  # EMA decay rises as (1 + step) / (10 + step) towards --ema-dec
 GUIDANCE_WEIGHT = 2.0  # w of samples.png: clear classes, still varied (README, "Lesson 03": the sweep)
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # guidance strengths w in guidance.png, one row each
 LOG_EVERY = 50  # steps between rows of metrics.csv
+GRAD_CLIP = 1.0  # largest gradient norm, as in lesson 02 (DDPM's released code)
 GIF_FRAMES = 40  # snapshots of the reverse process kept for denoising.gif
 ARCHITECTURE_KEYS = ("channels", "image_size", "width", "channel_mults", "num_res_blocks", "num_classes")
 
@@ -394,11 +396,6 @@ def sample(model, schedule, labels, w, x_T, generator, keep=()):
 
 # --- training ---
 
-def learning_rate(step, peak, warmup_steps):
-    """Linear warm-up to `peak`, then constant (EMA does the smoothing)."""
-    return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
-
-
 def make_state(model, ema, optimizer, step, generator, config):
     """Everything --resume needs to continue exactly where training stopped."""
     return {"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
@@ -409,12 +406,12 @@ def make_state(model, ema, optimizer, step, generator, config):
 
 
 def train(args, model, ema, dataset, schedule, config, device, start=None):
-    """Train on dataset.images [N, C, H, W] and dataset.labels [N] (on `device`); writes checkpoints, metrics."""
+    """Train on dataset.images [N, C, H, W] and dataset.labels [N] (on `device`); writes checkpoint.pt, metrics.csv."""
     images, labels = dataset.images, dataset.labels
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step = 0
-    if start is not None:
+    if start is not None:  # --resume: every state that decides what comes next
         model.load_state_dict(start["model"])
         ema.model.load_state_dict(start["ema"])
         optimizer.load_state_dict(start["optimizer"])
@@ -423,45 +420,33 @@ def train(args, model, ema, dataset, schedule, config, device, start=None):
         if start["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(start["rng"]["cuda"])  # dropout on a GPU draws from it
         step = start["step"]
-    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
-    checkpoint_path, log = args.out / "checkpoint.pt", MetricsLog(args.out / "metrics.csv", append=start is not None)
+    total_steps, checkpoint_path = config["total_steps"], args.out / "checkpoint.pt"
+    order = EpochOrder(len(images), args.batch_size, config["steps_per_epoch"], args.seed)
+    log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size, LOG_EVERY, start is not None)
     model.train()
-    progress = tqdm(total=total_steps, initial=step, desc="training", unit="step")
-    running_loss, window_start, window_steps, order_epoch = 0.0, time.perf_counter(), 0, None
     with StopRequest() as stop:
         while step < total_steps and not stop.requested:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # a fresh shuffle each epoch, seeded by the epoch for --resume
-                order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
-                order_epoch = epoch
-            batch = order[position * args.batch_size:(position + 1) * args.batch_size].to(device)
-            lr = learning_rate(step, args.lr, args.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            # a batch of clean images x0 with their classes, and this step's learning rate
+            batch = order.batch(step).to(device)
+            lr = warmup_learning_rate(step, args.lr, args.warmup_steps)
+            set_learning_rate(optimizer, lr)
+            # the loss: lesson 02's, with each label dropped to the null class with probability p_uncond
             loss = loss_fn(model, images[batch], labels[batch], schedule, generator, args.p_uncond)
-            if not torch.isfinite(loss):
-                raise LessonError(f"loss became {loss.item()} at step {step}; "
-                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
+            check_finite(loss.item(), step, checkpoint_path)
+            # the update (gradient norm clipped as in lesson 02), then the EMA of the weights that sampling uses
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as in lesson 02
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
             ema.update(model, step)
             step += 1
-            running_loss, window_steps = running_loss + loss.item(), window_steps + 1
-            progress.update(1)
-            if step % LOG_EVERY == 0 or step == total_steps:
-                speed = window_steps * args.batch_size / (time.perf_counter() - window_start)
-                log.write(step, running_loss / window_steps, lr, speed)
-                progress.set_postfix(loss=f"{running_loss / window_steps:.4f}", img_s=f"{speed:.0f}")
-                running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if step % args.checkpoint_every == 0 or step == total_steps or stop.requested:
+            # log, and save what --resume needs
+            log.add(step, loss.item(), lr)
+            if checkpoint_due(step, total_steps, args.checkpoint_every, stop.requested):
                 save_checkpoint(make_state(model, ema, optimizer, step, generator, config), checkpoint_path)
-    progress.close()
     log.close()
     if stop.requested:
-        raise Interrupted(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint_path}; "
-                          f"continue with --resume")
+        raise stopped_early(step, total_steps, checkpoint_path)
 
 
 # --- main ---

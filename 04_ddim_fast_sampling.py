@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from utils import data, interpolation, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
-    last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, require_same, run,
-    save_checkpoint, saved_timesteps, writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
+    check_finite, checkpoint_due, in_batches, load_checkpoint, non_negative_float, pick_device, positive_float,
+    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
+    warmup_learning_rate, writable_dir,
 )
 
 LESSON = "04_ddim_fast_sampling"
@@ -60,6 +61,7 @@ INTERPOLATION_GRID = 5  # interpolation_grid.png is 5 x 5
 WARMUP_STEPS = 200  # lesson 02's warm-up
 EMA_DECAY = 0.999  # lesson 02's EMA decay
 CHECKPOINT_EVERY = 500
+GRAD_CLIP = 1.0  # largest gradient norm, as in lesson 02 (DDPM's released code)
 
 
 # --- arguments ---
@@ -547,50 +549,35 @@ def train(args, model, ema, images, alpha_bars, config, device, start=None):
         generator.set_state(start["rng"]["generator"])
         torch.set_rng_state(start["rng"]["torch"])
         step = start["step"]
-    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
-    checkpoint_path, log = args.out / "checkpoint.pt", MetricsLog(args.out / "metrics.csv", append=start is not None)
-    progress = tqdm(total=total_steps, initial=step, desc="training", unit="step")
-    started, first_step = time.perf_counter(), step
-    running_loss, window_start, window_steps, order_epoch = 0.0, started, 0, None
+    total_steps, checkpoint_path = config["total_steps"], args.out / "checkpoint.pt"
+    order = EpochOrder(len(images), args.batch_size, config["steps_per_epoch"], args.seed)
+    log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size, LOG_EVERY, start is not None)
     with StopRequest() as stop:
         while step < total_steps and not stop.requested:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # a fresh shuffle each epoch, seeded by the epoch for --resume
-                order, order_epoch = torch.randperm(len(images), generator=torch.Generator().manual_seed(
-                    args.seed + epoch)), epoch
-            batch = order[position * args.batch_size:(position + 1) * args.batch_size].to(device)
-            lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = loss_fn(model, images[batch], alpha_bars, generator, config.get("prediction", "eps"))
-            if not torch.isfinite(loss):
-                raise LessonError(f"loss became {loss.item()} at step {step}; "
-                                  f"{last_good(checkpoint_path)} (try a lower --lr)")
+            # a batch of clean images x0, and this step's learning rate
+            x0 = images[order.batch(step).to(device)]
+            lr = warmup_learning_rate(step, args.lr, WARMUP_STEPS)
+            set_learning_rate(optimizer, lr)
+            # lesson 02's loss, update and EMA
+            loss = loss_fn(model, x0, alpha_bars, generator, config.get("prediction", "eps"))
+            check_finite(loss.item(), step, checkpoint_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
             ema.update(model, step)
             step += 1
-            running_loss, window_steps = running_loss + loss.item(), window_steps + 1
-            progress.update(1)
-            if step % LOG_EVERY == 0 or step == total_steps:
-                speed = window_steps * args.batch_size / (time.perf_counter() - window_start)
-                log.write(step, running_loss / window_steps, lr, speed)
-                running_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if step % CHECKPOINT_EVERY == 0 or step == total_steps or stop.requested:
+            # log, and save what --resume needs
+            log.add(step, loss.item(), lr)
+            if checkpoint_due(step, total_steps, CHECKPOINT_EVERY, stop.requested):
                 save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
-                                 "epoch": step // steps_per_epoch, "model": model.state_dict(),
+                                 "epoch": step // config["steps_per_epoch"], "model": model.state_dict(),
                                  "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}},
                                 checkpoint_path)
-    progress.close()
     log.close()
     if stop.requested:
-        raise Interrupted(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint_path}; "
-                          f"continue with --resume")
-    if step > first_step:  # not when --resume found the run already finished
-        print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
+        raise stopped_early(step, total_steps, checkpoint_path)
 
 
 # --- main ---

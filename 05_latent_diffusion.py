@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from utils import data, interpolation, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, ArgumentParser, Interrupted, LessonError, MetricsLog, StopRequest, in_batches,
-    last_good, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, require_same, run,
-    save_checkpoint, saved_timesteps, writable_dir,
+    CHECKPOINT_FORMAT, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog, check_finite,
+    checkpoint_due, in_batches, load_checkpoint, non_negative_float, pick_device, positive_float, positive_int,
+    require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
+    writable_dir,
 )
 
 LESSON = "05_latent_diffusion"
@@ -50,7 +51,6 @@ SHOWN_IMAGES = 8  # images in reconstructions.png and latents.png
 GIF_FRAMES = 25
 INTERPOLATION_POINTS = 9  # images along each walk of interpolation.png (--interpolate)
 INTERPOLATION_GRID = 5  # interpolation_grid.png is 5 x 5
-COST_STEPS = 5  # timed training steps per space for the latent-vs-pixel cost
 LATENT_SAMPLE_BATCH_SIZE = 256  # 7x7x4 latents: 2.1x faster per latent than 64 (benchmarks/sample_batch.py)
 
 
@@ -392,125 +392,108 @@ def ddim_sample(model, alpha_bars, z_T, steps, eta=0.0, generator=None, keep=0, 
     return z_t, kept
 
 
-# --- training (one loop for both stages) ---
-
-def train(args, stage, model, optimizer, lr, batch_loss, count, total_steps, checkpoint, path, start,
-          after_step=None):
-    """Lesson 02's loop over `count` training items: warm-up, clipping, a fresh shuffle per epoch,
-    checkpoints, Ctrl-C.
-
-    batch_loss(indices) -> (loss, number to log); after_step(step) runs after each update (EMA);
-    checkpoint(step) -> the dict to save at `path`; `start`: a checkpoint to resume from (its optimizer
-    and RNG states are restored here).
-    """
-    step = 0
-    if start is not None:
-        optimizer.load_state_dict(start["optimizer"])
-        torch.set_rng_state(start["rng"]["torch"])
-        step = start["step"]
-    log = MetricsLog(args.out / f"{'autoencoder_' if stage == 'autoencoder' else ''}metrics.csv",
-                     append=start is not None)
-    progress = tqdm(total=total_steps, initial=step, desc=f"training the {stage}", unit="step")
-    started, first_step = time.perf_counter(), step
-    logged, window_start, window_steps, order_epoch = 0.0, started, 0, None
-    steps_per_epoch = count // args.batch_size
-    with StopRequest() as stop:
-        while step < total_steps and not stop.requested:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # a fresh shuffle each epoch, seeded by the epoch for --resume
-                order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed + epoch))
-                order_epoch = epoch
-            indices = order[position * args.batch_size:(position + 1) * args.batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
-            loss, shown = batch_loss(indices)
-            if not torch.isfinite(loss):
-                raise LessonError(f"the {stage} loss became {loss.item()} at step {step}; {last_good(path)} "
-                                  f"(try a lower learning rate)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            if after_step is not None:
-                after_step(step)
-            step += 1
-            logged, window_steps = logged + shown, window_steps + 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{shown:.4f}", refresh=False)
-            if step % LOG_EVERY == 0 or step == total_steps:
-                speed = window_steps * args.batch_size / (time.perf_counter() - window_start)
-                log.write(step, logged / window_steps, optimizer.param_groups[0]["lr"], speed)
-                logged, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if step % CHECKPOINT_EVERY == 0 or step == total_steps or stop.requested:
-                save_checkpoint({**checkpoint(step), "optimizer": optimizer.state_dict(),
-                                 "rng": {"torch": torch.get_rng_state()}}, path)
-    progress.close()
-    log.close()
-    if stop.requested:
-        raise Interrupted(f"interrupted at step {step} of {total_steps} of the {stage}; checkpoint saved to {path}; "
-                          f"continue with --resume")
-    if step > first_step:  # not when --resume found the run already finished
-        print(f"trained the {stage} in {(time.perf_counter() - started) / 60:.1f} min")
-
+# --- training: two plain loops, the autoencoder first, then the diffusion model on its latents ---
 
 def train_autoencoder(args, images, config, device, start):
-    """Stage 1 on images [N, C, H, W] (on `device`): returns the trained autoencoder in eval mode."""
+    """Stage 1 on images [N, C, H, W] (on `device`): returns the trained autoencoder in eval mode. Writes
+    autoencoder.pt and autoencoder_metrics.csv (the L1 error per pixel, the number a reader can picture)."""
     torch.manual_seed(args.seed)
     autoencoder = Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"]).to(device)
-    if start is not None:
-        autoencoder.load_state_dict(start["model"])
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=args.autoencoder_lr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    if start is not None:
+    step = 0
+    if start is not None:  # --resume: every state that decides what comes next
+        autoencoder.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
         generator.set_state(start["generator"])
-
-    def batch_loss(indices):
-        loss, l1 = autoencoder_loss(autoencoder, images[indices.to(device)], config["kl_weight"], generator)
-        return loss, l1.item()  # the log shows the L1 error per pixel, the number a reader can picture
-
-    def checkpoint(step):
-        return {"format": CHECKPOINT_FORMAT, "lesson": AUTOENCODER_LESSON, "config": config, "step": step,
-                "model": autoencoder.state_dict(), "generator": generator.get_state()}
-
-    train(args, "autoencoder", autoencoder, optimizer, args.autoencoder_lr, batch_loss, len(images),
-          config["autoencoder_steps"], checkpoint, args.out / "autoencoder.pt", start)
+        torch.set_rng_state(start["rng"]["torch"])
+        step = start["step"]
+    total_steps, path = config["autoencoder_steps"], args.out / "autoencoder.pt"
+    order = EpochOrder(len(images), args.batch_size, len(images) // args.batch_size, args.seed)
+    log = TrainingLog(args.out / "autoencoder_metrics.csv", total_steps, step, args.batch_size, LOG_EVERY,
+                      start is not None, desc="training the autoencoder")
+    with StopRequest() as stop:
+        while step < total_steps and not stop.requested:
+            # a batch of images, and this step's learning rate
+            x = images[order.batch(step).to(device)]
+            lr = warmup_learning_rate(step, args.autoencoder_lr, WARMUP_STEPS)
+            set_learning_rate(optimizer, lr)
+            # the loss: L1 reconstruction error plus the weighted KL term
+            loss, l1 = autoencoder_loss(autoencoder, x, config["kl_weight"], generator)
+            check_finite(loss.item(), step, path, "autoencoder loss")
+            # the update
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(autoencoder.parameters(), GRAD_CLIP)
+            optimizer.step()
+            step += 1
+            # log, and save what --resume needs
+            log.add(step, l1.item(), lr)
+            if checkpoint_due(step, total_steps, CHECKPOINT_EVERY, stop.requested):
+                save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": AUTOENCODER_LESSON, "config": config,
+                                 "step": step, "model": autoencoder.state_dict(), "generator": generator.get_state(),
+                                 "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}, path)
+    log.close()
+    if stop.requested:
+        raise stopped_early(step, total_steps, path, " of the autoencoder")
     return autoencoder.eval()
 
 
 def train_diffusion(args, latents, scale, autoencoder, config, device, start):
-    """Stage 2 on the latents' (means, stds): returns the EMA U-Net in eval mode."""
+    """Stage 2 on the latents' (means, stds) [N, C, h, w] each: returns the EMA U-Net in eval mode. Writes
+    checkpoint.pt (with the autoencoder and the scale, all that sampling needs) and metrics.csv."""
     torch.manual_seed(args.seed)
     means, stds = latents
     model = UNet(config["latent_channels"], args.width, (1, 2), means.shape[-1]).to(device)
     ema = EMA(model, args.ema_decay)
-    if start is not None:
-        model.load_state_dict(start["model"])
-        ema.model.load_state_dict(start["ema"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-    if start is not None:
+    step = 0
+    if start is not None:  # --resume: every state that decides what comes next
+        model.load_state_dict(start["model"])
+        ema.model.load_state_dict(start["ema"])
+        optimizer.load_state_dict(start["optimizer"])
         generator.set_state(start["generator"])
+        torch.set_rng_state(start["rng"]["torch"])
+        step = start["step"]
     alpha_bars = make_alpha_bars(device, config["timesteps"])
-
-    def batch_loss(indices):
-        indices = indices.to(device)
-        # A fresh draw from q(z | x) each time (as the paper's code does), scaled to unit variance.
-        noise = torch.randn(means[indices].shape, device=device, generator=generator)
-        z0 = (means[indices] + stds[indices] * noise) * scale
-        loss = loss_fn(model, z0, alpha_bars, generator)
-        return loss, loss.item()
-
-    def checkpoint(step):
-        return {"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": {**config, "scale": scale},
-                "step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                "autoencoder": autoencoder.state_dict(), "generator": generator.get_state()}
-
-    train(args, "diffusion model", model, optimizer, args.lr, batch_loss, len(means), config["diffusion_steps"],
-          checkpoint, args.out / "checkpoint.pt", start, after_step=lambda step: ema.update(model, step))
+    total_steps, path = config["diffusion_steps"], args.out / "checkpoint.pt"
+    order = EpochOrder(len(means), args.batch_size, len(means) // args.batch_size, args.seed)
+    log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size, LOG_EVERY, start is not None,
+                      desc="training the diffusion model")
+    with StopRequest() as stop:
+        while step < total_steps and not stop.requested:
+            # a batch of latents z0: a fresh draw from q(z | x) each time (as the paper's code does), scaled to
+            # unit variance; and this step's learning rate
+            batch = order.batch(step).to(device)
+            noise = torch.randn(means[batch].shape, device=device, generator=generator)
+            z0 = (means[batch] + stds[batch] * noise) * scale
+            lr = warmup_learning_rate(step, args.lr, WARMUP_STEPS)
+            set_learning_rate(optimizer, lr)
+            # lesson 02's loss, on latents instead of pixels
+            loss = loss_fn(model, z0, alpha_bars, generator)
+            check_finite(loss.item(), step, path)
+            # the update, then the EMA of the weights that sampling uses
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
+            ema.update(model, step)
+            step += 1
+            # log, and save what --resume and sampling need
+            log.add(step, loss.item(), lr)
+            if checkpoint_due(step, total_steps, CHECKPOINT_EVERY, stop.requested):
+                save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": {**config, "scale": scale},
+                                 "step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                                 "autoencoder": autoencoder.state_dict(), "generator": generator.get_state(),
+                                 "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}, path)
+    log.close()
+    if stop.requested:
+        raise stopped_early(step, total_steps, path, " of the diffusion model")
     return ema.model
 
 
-# --- figures and the latent-vs-pixel cost ---
+# --- figures ---
 
 @torch.no_grad()
 def write_autoencoder_figures(autoencoder, scale, shown, args, source):
@@ -531,37 +514,6 @@ def write_autoencoder_figures(autoencoder, scale, shown, args, source):
         grid, columns, ["image", *[f"latent {c}" for c in range(mean.shape[1])]], args.out / "latents.png",
         row_title="image", column_title=f"{mean.shape[-1]}x{mean.shape[-1]} latent channels, enlarged"))
     return paths
-
-
-def step_cost(model, batch, generator):
-    """Seconds per training step (forward, backward, AdamW) of `model` on `batch`, best of COST_STEPS."""
-    model = copy.deepcopy(model).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    alpha_bars = make_alpha_bars(batch.device)
-    times = []
-    for _ in range(COST_STEPS + 1):  # the first step warms up
-        started = time.perf_counter()
-        loss = loss_fn(model, batch, alpha_bars, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return min(times[1:])
-
-
-def compare_step_cost(model, images, latent_shape, batch_size, device, seed):
-    """Print one training step in latent space against one in pixel space, same batch; return the ratio.
-    The pixel model is a U-Net of lesson 02's default size (width 16, three resolutions)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    latents = torch.randn((batch_size, *latent_shape), device=device, generator=generator)
-    pixel_model = UNet(images.shape[1], 16, (1, 2, 4), images.shape[-1]).to(device)
-    latent_time = step_cost(model, latents, generator)
-    pixel_time = step_cost(pixel_model, images[:batch_size].to(device), generator)
-    print(f"one training step, batch {batch_size}: {latent_time * 1000:.1f} ms on {tuple(latent_shape)} latents, "
-          f"{pixel_time * 1000:.1f} ms on {tuple(images.shape[1:])} pixels: {pixel_time / latent_time:.1f}x cheaper")
-    return pixel_time / latent_time
 
 
 @torch.inference_mode()
@@ -732,8 +684,6 @@ def main(argv=None):
     if args.stage != "autoencoder":
         model, scale = stage_two(args, autoencoder, latents, scale, config, device)
         args.steps = args.steps or min(DEFAULT_STEPS, config["timesteps"])  # T is known now, also on --resume
-        compare_step_cost(model, dataset.images, (config["latent_channels"], config["latent_size"],
-                                                  config["latent_size"]), args.batch_size, device, args.seed)
         paths += [args.out / "checkpoint.pt", args.out / "metrics.csv",
                   visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),
                   *write_samples(model, autoencoder, scale, config, args, device)]

@@ -223,14 +223,6 @@ def test_training_lowers_the_loss(lesson02):
     assert after < 0.5 * before
 
 
-def test_learning_rate_warms_up_then_stays(lesson02):
-    assert lesson02.learning_rate(0, 1e-3, 100) == pytest.approx(1e-5)
-    assert lesson02.learning_rate(49, 1e-3, 100) == pytest.approx(5e-4)
-    assert lesson02.learning_rate(99, 1e-3, 100) == pytest.approx(1e-3)
-    assert lesson02.learning_rate(10**5, 1e-3, 100) == 1e-3
-    assert lesson02.learning_rate(0, 1e-3, 0) == 1e-3
-
-
 def test_mixed_precision_only_on_cuda(lesson02):
     cpu = torch.device("cpu")
     assert lesson02.mixed_precision("auto", cpu) is None

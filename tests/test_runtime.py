@@ -179,3 +179,55 @@ def test_in_batches_covers_every_item_once_and_keeps_the_first_batchs_extra():
     assert calls == [(0, 4), (4, 4), (8, 2)]
     assert images.flatten().tolist() == list(range(10)) and extra == "extra of 0"
     assert in_batches(3, 64, draw)[0].flatten().tolist() == [0, 1, 2]
+
+
+def test_warmup_learning_rate_rises_linearly_then_stays():
+    assert runtime.warmup_learning_rate(0, 1e-3, 100) == pytest.approx(1e-5)
+    assert runtime.warmup_learning_rate(49, 1e-3, 100) == pytest.approx(5e-4)
+    assert runtime.warmup_learning_rate(99, 1e-3, 100) == pytest.approx(1e-3)
+    assert runtime.warmup_learning_rate(10**5, 1e-3, 100) == 1e-3
+    assert runtime.warmup_learning_rate(0, 1e-3, 0) == 1e-3
+
+
+def test_epoch_order_is_a_fresh_shuffle_per_epoch_and_the_same_after_a_resume():
+    """Each epoch's batches are distinct images of one permutation seeded by seed + epoch; a new EpochOrder asked
+    for a step in the middle (a resumed run) gives the batch an uninterrupted one gives there."""
+    order = runtime.EpochOrder(count=10, batch_size=3, steps_per_epoch=3, seed=5)
+    batches = [order.batch(step) for step in range(9)]
+    for epoch in range(3):
+        seen = torch.cat(batches[3 * epoch:3 * epoch + 3])
+        expected = torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch))[:9]
+        assert torch.equal(seen, expected) and len(set(seen.tolist())) == 9
+    assert not torch.equal(torch.cat(batches[:3]), torch.cat(batches[3:6]))
+    assert torch.equal(runtime.EpochOrder(10, 3, 3, seed=5).batch(7), batches[7])
+    custom = runtime.EpochOrder(4, 2, 2, seed=0, shuffle=lambda epoch: torch.arange(4).flip(0) + 10 * epoch)
+    assert custom.batch(0).tolist() == [3, 2] and custom.batch(3).tolist() == [11, 10]
+
+
+def test_training_log_writes_the_mean_loss_of_each_window(tmp_path, capsys):
+    log = runtime.TrainingLog(tmp_path / "metrics.csv", total_steps=5, start_step=0, images_per_step=8, every=2,
+                              append=False)
+    for step, loss in zip(range(1, 6), [1.0, 3.0, 5.0, 7.0, 9.0]):
+        log.add(step, loss, lr=0.1)
+    log.close()
+    rows = [line.split(",") for line in (tmp_path / "metrics.csv").read_text().splitlines()]
+    assert rows[0] == ["step", "loss", "lr", "images_per_s"]
+    assert [(int(r[0]), float(r[1])) for r in rows[1:]] == [(2, 2.0), (4, 6.0), (5, 9.0)]
+    assert all(float(r[3]) > 0 for r in rows[1:])
+    printed = capsys.readouterr().out
+    assert "trained in" in printed and "(5 steps)" in printed
+    quiet = runtime.TrainingLog(tmp_path / "other.csv", 5, 0, 8, 2, append=False, enabled=False)
+    quiet.add(2, 1.0, 0.1)
+    quiet.close()
+    assert not (tmp_path / "other.csv").exists() and capsys.readouterr().out == ""
+
+
+def test_checkpoint_cadence_and_the_loop_errors(tmp_path):
+    due = [step for step in range(1, 12) if runtime.checkpoint_due(step, 11, 4, stopping=False)]
+    assert due == [4, 8, 11] and runtime.checkpoint_due(5, 11, 4, stopping=True)
+    runtime.check_finite(0.5, 3, tmp_path / "checkpoint.pt")
+    with pytest.raises(runtime.LessonError, match="the loss became nan at step 3; .*lower learning rate"):
+        runtime.check_finite(float("nan"), 3, tmp_path / "checkpoint.pt")
+    error = runtime.stopped_early(3, 10, tmp_path / "checkpoint.pt")
+    assert isinstance(error, runtime.Interrupted) and error.exit_code == 130 and "--resume" in str(error)
+    assert runtime.mean_over_processes([1.0, 0.0], 1, "cpu") == [1.0, 0.0]

@@ -10,9 +10,12 @@ import os
 import sys
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 CHECKPOINT_FORMAT = 1
 
@@ -241,6 +244,103 @@ class MetricsLog:
 
     def close(self):
         self.file.close()
+
+
+# --- a training loop's bookkeeping: each lesson's train() tells the diffusion, these keep the books ---
+
+class EpochOrder:
+    """Which training images each step uses. batch(step) -> their indices [batch_size], int64 on the CPU: a fresh
+    shuffle every epoch, drawn from a generator seeded with seed + epoch, so that a run continued with --resume at
+    any step draws exactly the batches of an uninterrupted one. Each epoch has `steps_per_epoch` steps; the images
+    left over after the last full batch wait for the next shuffle. `shuffle(epoch)` -> a permutation replaces
+    the default one (lesson 02 passes each process its share of DistributedSampler's)."""
+
+    def __init__(self, count, batch_size, steps_per_epoch, seed, shuffle=None):
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.shuffle = shuffle or (lambda epoch: torch.randperm(count, generator=torch.Generator().manual_seed(
+            seed + epoch)))
+        self.epoch, self.order = None, None
+
+    def batch(self, step):
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, self.shuffle(epoch)
+        return self.order[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+class TrainingLog:
+    """What a run shows and keeps of training: a progress bar, and every `every` steps a row of metrics.csv at
+    `path` (MetricsLog) with the mean loss of those steps, the learning rate and images per second (images_per_step
+    images each step, all processes together). With enabled=False (processes other than rank 0) it shows and
+    writes nothing. close() prints how long training took, when it trained at all."""
+
+    def __init__(self, path, total_steps, start_step, images_per_step, every, append, desc="training", enabled=True):
+        self.total_steps, self.images_per_step, self.every, self.desc = total_steps, images_per_step, every, desc
+        self.metrics = MetricsLog(path, append) if enabled else None
+        self.progress = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not enabled)
+        self.started, self.first_step, self.last_step = time.perf_counter(), start_step, start_step
+        self.loss_sum, self.window_steps, self.window_start = 0.0, 0, self.started
+
+    def add(self, step, loss, lr):
+        """Record `loss` (a float) of the step that made the step count `step`, trained at learning rate `lr`."""
+        self.progress.update(1)
+        self.loss_sum, self.window_steps, self.last_step = self.loss_sum + loss, self.window_steps + 1, step
+        if step % self.every == 0 or step == self.total_steps:
+            mean, speed = self.loss_sum / self.window_steps, (
+                self.window_steps * self.images_per_step / (time.perf_counter() - self.window_start))
+            if self.metrics is not None:
+                self.metrics.write(step, mean, lr, speed)
+            self.progress.set_postfix(loss=f"{mean:.4f}", img_s=f"{speed:.0f}")
+            self.loss_sum, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+
+    def close(self):
+        self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            if self.last_step > self.first_step:  # not when --resume found the run already finished
+                print(f"{self.desc.replace('training', 'trained', 1)} in "
+                      f"{(time.perf_counter() - self.started) / 60:.1f} min ({self.last_step - self.first_step} steps)")
+
+
+def set_learning_rate(optimizer, lr):
+    """Give every parameter group of `optimizer` the learning rate `lr` for the next step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def warmup_learning_rate(step, peak, warmup_steps):
+    """Linear warm-up from peak / warmup_steps to `peak` over `warmup_steps` steps, then constant (lessons 02-05;
+    DDPM's released code warms up over 5000 steps). step is 0-based; warmup_steps = 0 means no warm-up."""
+    return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
+
+
+def check_finite(loss, step, checkpoint_path, what="loss"):
+    """Raise LessonError in one line when the float `loss` is inf or nan, naming the last good checkpoint."""
+    if not math.isfinite(loss):
+        raise LessonError(f"the {what} became {loss} at step {step}; {last_good(checkpoint_path)} "
+                          f"(try a lower learning rate)")
+
+
+def checkpoint_due(step, total_steps, every, stopping):
+    """Whether to save after step `step`: every `every` steps, at the end, and when stopping on Ctrl-C."""
+    return step % every == 0 or step == total_steps or stopping
+
+
+def stopped_early(step, total_steps, checkpoint_path, what=""):
+    """The Interrupted error for a run that stopped on Ctrl-C at `step` (exit code 130, one line)."""
+    return Interrupted(f"interrupted at step {step} of {total_steps}{what}; checkpoint saved to {checkpoint_path}; "
+                       f"continue with --resume")
+
+
+def mean_over_processes(values, world_size, device):
+    """The mean of a few floats over the processes of a torchrun run (each process passes its own), so that all
+    of them take the same decisions; with one process, the values as they are. float32 on `device` (NCCL reduces
+    only GPU tensors; MPS has no float64)."""
+    if world_size == 1:
+        return list(values)
+    values = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(values)
+    return (values / world_size).tolist()
 
 
 def _close_progress_bars():
