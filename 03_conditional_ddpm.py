@@ -160,77 +160,6 @@ def add_noise(x0, t, eps, schedule):
 
 # --- model: lesson 02's U-Net, told which class to draw ---
 
-def norm_groups(channels):
-    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
-    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
-    groups = max(1, min(32, channels // 4))
-    while channels % groups:
-        groups -= 1
-    return groups
-
-
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * frequencies[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-class SelfAttention(nn.Module):
-    """Single-head self-attention across the H*W positions, with a residual: [B, C, H, W] -> same."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.norm = nn.GroupNorm(norm_groups(channels), channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x):
-        batch, channels, height, width = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)  # [B, C, HW] each
-        # softmax(q^T k / sqrt(C)) v (Vaswani et al. 2017, Eq. 1): weights [B, HW, HW] over all positions.
-        weights = torch.softmax((q / math.sqrt(channels)).transpose(1, 2) @ k, dim=-1)  # scale the small q
-        h = v @ weights.transpose(1, 2)  # [B, C, HW]: each position a weighted mix of every position's v
-        return x + self.out(h.reshape(batch, channels, height, width))
-
-
-class ResBlock(nn.Module):
-    """DDPM's residual block, optionally followed by self-attention: [B, in, H, W] -> [B, out, H, W]."""
-
-    def __init__(self, in_channels, out_channels, embedding_dim, dropout, attention=False):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.embedding = nn.Linear(embedding_dim, out_channels)
-        self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        same = in_channels == out_channels
-        self.shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
-        self.attention = SelfAttention(out_channels) if attention else nn.Identity()
-
-    def forward(self, x, embedding):
-        h = self.conv1(F.silu(self.norm1(x)))
-        # The embedding now carries the class as well as the timestep: one bias per channel from both.
-        h = h + self.embedding(F.silu(embedding))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.attention(self.shortcut(x) + h)
-
-
-class Level(nn.Module):
-    """One resolution of the U-Net: ResNet blocks, then a resize or (at the ends) none."""
-
-    def __init__(self, blocks, resize):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.resize = resize
-
-
 class ConditionalUNet(nn.Module):
     """eps_pred = model(x_t, t, labels): [B, C, H, W], [B], [B] -> [B, C, H, W].
 
@@ -304,23 +233,6 @@ def build_model(config):
     """The network a checkpoint's config describes."""
     return ConditionalUNet(config["channels"], config["width"], tuple(config["channel_mults"]),
                            config["num_res_blocks"], config.get("dropout", 0.0), config["num_classes"])
-
-
-class EMA:
-    """Exponential moving average of the weights, used for sampling (lesson 02)."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model, step):
-        decay = min(self.decay, (1 + step) / (EMA_WARMUP + step))
-        for average, value in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if average.is_floating_point():
-                average.lerp_(value, 1 - decay)  # average = decay * average + (1 - decay) * value
-            else:
-                average.copy_(value)
 
 
 # --- loss ---
@@ -501,7 +413,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sample_only:
         path = args.checkpoint or args.out / "checkpoint.pt"
-        checkpoint = load_checkpoint(path, LESSON)
+        checkpoint = with_current_names(load_checkpoint(path, LESSON))
         config = checkpoint["config"]
         schedule = make_schedule(device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config).to(device)
@@ -509,7 +421,7 @@ def main(argv=None):
         for path in write_samples(model.eval(), schedule, config, args, device):
             print(f"wrote {path}")
         return
-    start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
+    start = with_current_names(load_checkpoint(args.out / "checkpoint.pt", LESSON)) if args.resume else None
     dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
                                       candidates=["mnist", "fashion-mnist"])
     dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)
@@ -542,6 +454,124 @@ def main(argv=None):
     paths += write_samples(ema.model, schedule, config, args, device)
     for path in paths:
         print(f"wrote {path}")
+
+
+def with_current_names(checkpoint):
+    """Checkpoints saved before 2026-11-30 named each ResBlock's time layer `embedding`; it is `time` now, as in
+    lesson 02. Renames those weights in place (nothing else changed), so that older checkpoints load."""
+    if checkpoint is not None:
+        for key in ("model", "ema"):
+            checkpoint[key] = {name.replace(".embedding.", ".time."): value for name, value in checkpoint[key].items()}
+    return checkpoint
+
+
+# ====================================================================================================
+# Lesson 02's building blocks and EMA, unchanged; ConditionalUNet above assembles them. What lesson 03
+# teaches is above; read lesson 02 for what follows.
+# ====================================================================================================
+
+# --- lesson 02's U-Net blocks and EMA ---
+
+def norm_groups(channels):
+    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
+    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention across the H*W positions, with a residual: [B, C, H, W] -> same.
+
+    Convolutions only see neighbours; attention lets every position look at every other one.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)  # as in the paper's code: each block starts as the identity
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)  # [B, C, HW] each
+        # softmax(q^T k / sqrt(C)) v (Vaswani et al. 2017, Eq. 1): weights [B, HW, HW] over all positions.
+        weights = torch.softmax((q / math.sqrt(channels)).transpose(1, 2) @ k, dim=-1)  # scale the small q
+        h = v @ weights.transpose(1, 2)  # [B, C, HW]: each position a weighted mix of every position's v
+        return x + self.out(h.reshape(batch, channels, height, width))
+
+
+class ResBlock(nn.Module):
+    """DDPM's residual block, optionally followed by self-attention: [B, in, H, W] -> [B, out, H, W].
+
+    norm-SiLU-conv, plus a projection of the time embedding, then norm-SiLU-dropout-conv, plus a shortcut.
+    """
+
+    def __init__(self, in_channels, out_channels, embedding_dim, dropout, attention=False):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time = nn.Linear(embedding_dim, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # as in the paper's code: the block starts as its shortcut
+        nn.init.zeros_(self.conv2.bias)
+        same = in_channels == out_channels
+        self.shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
+        self.attention = SelfAttention(out_channels) if attention else nn.Identity()
+
+    def forward(self, x, embedding):
+        h = self.conv1(F.silu(self.norm1(x)))
+        # The time embedding, through its own linear layer, becomes one bias per channel.
+        h = h + self.time(F.silu(embedding))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attention(self.shortcut(x) + h)
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: ResNet blocks, then a resize (strided conv down, or nearest-neighbour
+    upsampling and a conv up), or no resize at the bottom of the down path and the top of the up path."""
+
+    def __init__(self, blocks, resize):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resize = resize
+
+
+class EMA:
+    """Exponential moving average of the weights (DDPM Appendix B): the weights used for sampling.
+
+    The average is smoother than the weights of any one step, which jump around with the gradient noise.
+    """
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, step):
+        """Warm-up: early on, average over about the steps so far, so the random start is forgotten fast."""
+        return min(self.decay, (1 + step) / (EMA_WARMUP + step))
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = self.decay_at(step)
+        for average, value in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if average.is_floating_point():
+                average.lerp_(value, 1 - decay)  # average = decay * average + (1 - decay) * value
+            else:
+                average.copy_(value)
 
 
 if __name__ == "__main__":

@@ -168,194 +168,6 @@ def add_noise(x0, t, eps, alpha_bars):
     return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps
 
 
-# --- model: lesson 02's U-Net, unchanged, so that lesson 02's checkpoints load as they are ---
-
-def norm_groups(channels):
-    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
-    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
-    groups = max(1, min(32, channels // 4))
-    while channels % groups:
-        groups -= 1
-    return groups
-
-
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * frequencies[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-class SelfAttention(nn.Module):
-    """Single-head self-attention across the H*W positions, with a residual: [B, C, H, W] -> same.
-
-    Convolutions only see neighbours; attention lets every position look at every other one.
-    """
-
-    def __init__(self, channels):
-        super().__init__()
-        self.norm = nn.GroupNorm(norm_groups(channels), channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.out.weight)  # as in the paper's code: each block starts as the identity
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x):
-        batch, channels, height, width = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)  # [B, C, HW] each
-        # softmax(q^T k / sqrt(C)) v (Vaswani et al. 2017, Eq. 1): weights [B, HW, HW] over all positions.
-        weights = torch.softmax((q / math.sqrt(channels)).transpose(1, 2) @ k, dim=-1)  # scale the small q
-        h = v @ weights.transpose(1, 2)  # [B, C, HW]: each position a weighted mix of every position's v
-        return x + self.out(h.reshape(batch, channels, height, width))
-
-
-class ResBlock(nn.Module):
-    """DDPM's residual block, optionally followed by self-attention: [B, in, H, W] -> [B, out, H, W].
-
-    norm-SiLU-conv, plus a projection of the time embedding, then norm-SiLU-dropout-conv, plus a shortcut.
-    """
-
-    def __init__(self, in_channels, out_channels, embedding_dim, dropout, attention=False):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time = nn.Linear(embedding_dim, out_channels)
-        self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # as in the paper's code: the block starts as its shortcut
-        nn.init.zeros_(self.conv2.bias)
-        same = in_channels == out_channels
-        self.shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
-        self.attention = SelfAttention(out_channels) if attention else nn.Identity()
-
-    def forward(self, x, embedding):
-        h = self.conv1(F.silu(self.norm1(x)))
-        # The time embedding, through its own linear layer, becomes one bias per channel.
-        h = h + self.time(F.silu(embedding))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.attention(self.shortcut(x) + h)
-
-
-class Level(nn.Module):
-    """One resolution of the U-Net: ResNet blocks, then a resize (strided conv down, or nearest-neighbour
-    upsampling and a conv up), or no resize at the bottom of the down path and the top of the up path."""
-
-    def __init__(self, blocks, resize):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.resize = resize
-
-
-class UNet(nn.Module):
-    """eps_pred = model(x_t, t): [B, C, H, W] and [B] -> [B, C, H, W]; H, W divisible by 2^(levels-1).
-
-    Default on 28x28: 28 -> 14 -> 7 with 16, 32, 64 channels, attention at 14x14 and at 7x7 in the
-    middle; the up path mirrors the down path and concatenates the output of every down block.
-    """
-
-    def __init__(self, channels=1, width=16, channel_mults=(1, 2, 4), num_res_blocks=1, dropout=0.0):
-        super().__init__()
-        self.width = width
-        embedding_dim = 4 * width  # DDPM's released code: sinusoidal embedding, then two dense layers of 4x width
-        self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
-                                      nn.Linear(embedding_dim, embedding_dim))
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        skip_channels, current = [width], width
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(channel_mults):
-            blocks = []
-            for _ in range(num_res_blocks):
-                blocks.append(ResBlock(current, width * mult, embedding_dim, dropout, level == ATTENTION_LEVEL))
-                current = width * mult
-                skip_channels.append(current)
-            downsample = None
-            if level < len(channel_mults) - 1:  # the lowest resolution is not halved again
-                downsample = nn.Conv2d(current, current, 3, stride=2, padding=1)
-                skip_channels.append(current)
-            self.down.append(Level(blocks, downsample))
-        self.middle = nn.ModuleList([ResBlock(current, current, embedding_dim, dropout, attention=True),
-                                     ResBlock(current, current, embedding_dim, dropout)])
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mults))):
-            blocks = []
-            for _ in range(num_res_blocks + 1):  # one more than down: it also takes the resize's skip
-                blocks.append(ResBlock(current + skip_channels.pop(), width * mult, embedding_dim, dropout,
-                                       level == ATTENTION_LEVEL))
-                current = width * mult
-            upsample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                     nn.Conv2d(current, current, 3, padding=1))
-            self.up.append(Level(blocks, upsample if level > 0 else None))
-        self.head = nn.Sequential(nn.GroupNorm(norm_groups(current), current), nn.SiLU(),
-                                  nn.Conv2d(current, channels, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight)  # as in the paper's code: the network starts by predicting 0
-        nn.init.zeros_(self.head[-1].bias)
-
-    def forward(self, x_t, t):
-        embedding = self.time_mlp(timestep_embedding(t, self.width))
-        h = self.stem(x_t)
-        skips = [h]
-        for level in self.down:
-            for block in level.blocks:
-                h = block(h, embedding)
-                skips.append(h)
-            if level.resize is not None:
-                h = level.resize(h)
-                skips.append(h)
-        for block in self.middle:
-            h = block(h, embedding)
-        for level in self.up:
-            for block in level.blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), embedding)
-            if level.resize is not None:
-                h = level.resize(h)
-        return self.head(h)
-
-
-def build_model(config):
-    """The U-Net a checkpoint's config describes (lesson 04 builds the same one from the same keys)."""
-    return UNet(config["channels"], config["width"], tuple(config["channel_mults"]), config["num_res_blocks"],
-                config.get("dropout", 0.0))
-
-
-class EMA:
-    """Exponential moving average of the weights (DDPM Appendix B): the weights used for sampling.
-
-    The average is smoother than the weights of any one step, which jump around with the gradient noise.
-    """
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def decay_at(self, step):
-        """Warm-up: early on, average over about the steps so far, so the random start is forgotten fast."""
-        return min(self.decay, (1 + step) / (EMA_WARMUP + step))
-
-    @torch.no_grad()
-    def update(self, model, step):
-        decay = self.decay_at(step)
-        for average, value in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if average.is_floating_point():
-                average.lerp_(value, 1 - decay)  # average = decay * average + (1 - decay) * value
-            else:
-                average.copy_(value)
-
-
-# --- loss (lesson 02's, for training without a checkpoint) ---
-
-def loss_fn(model, x0, alpha_bars, generator, prediction="eps"):
-    """DDPM Algorithm 1 on a batch x0 [B, C, H, W], lesson 02's objective: one scalar loss."""
-    t = torch.randint(0, len(alpha_bars), (x0.shape[0],), device=x0.device, generator=generator)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-    x_t = add_noise(x0, t, eps, alpha_bars)
-    alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
-    # As lesson 02: eps (DDPM Eq. 14) or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022).
-    target = eps if prediction == "eps" else alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
-    return F.mse_loss(model(x_t, t).float(), target)
-
-
 # --- samplers: DDIM and DPM-Solver++(2M) ---
 
 def log_snr(alpha_bar):
@@ -535,51 +347,6 @@ def ddim_invert(model, alpha_bars, x0, steps, spacing="trailing", prediction="ep
     return x_t
 
 
-# --- training (only without --checkpoint: lesson 02's recipe, on one device, in float32) ---
-
-def train(args, model, ema, images, alpha_bars, config, device, start=None):
-    """Lesson 02's training loop, shortened: AdamW, warm-up, clipping, EMA; writes checkpoint and metrics."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    step = 0
-    if start is not None:
-        model.load_state_dict(start["model"])
-        ema.model.load_state_dict(start["ema"])
-        optimizer.load_state_dict(start["optimizer"])
-        generator.set_state(start["rng"]["generator"])
-        torch.set_rng_state(start["rng"]["torch"])
-        step = start["step"]
-    total_steps, checkpoint_path = config["total_steps"], args.out / "checkpoint.pt"
-    order = EpochOrder(len(images), args.batch_size, config["steps_per_epoch"], args.seed)
-    log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size, LOG_EVERY, start is not None)
-    with StopRequest() as stop:
-        while step < total_steps and not stop.requested:
-            # a batch of clean images x0, and this step's learning rate
-            x0 = images[order.batch(step).to(device)]
-            lr = warmup_learning_rate(step, args.lr, WARMUP_STEPS)
-            set_learning_rate(optimizer, lr)
-            # lesson 02's loss, update and EMA
-            loss = loss_fn(model, x0, alpha_bars, generator, config.get("prediction", "eps"))
-            check_finite(loss.item(), step, checkpoint_path)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            ema.update(model, step)
-            step += 1
-            # log, and save what --resume needs
-            log.add(step, loss.item(), lr)
-            if checkpoint_due(step, total_steps, CHECKPOINT_EVERY, stop.requested):
-                save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
-                                 "epoch": step // config["steps_per_epoch"], "model": model.state_dict(),
-                                 "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}},
-                                checkpoint_path)
-    log.close()
-    if stop.requested:
-        raise stopped_early(step, total_steps, checkpoint_path)
-
-
 # --- main ---
 
 def sampler_for(model, alpha_bars, config, args):
@@ -719,6 +486,245 @@ def main(argv=None):
         paths += write_interpolation(model, alpha_bars, config, args, device)
     for output in paths:
         print(f"wrote {output}")
+
+
+# ====================================================================================================
+# Lesson 02's network, loss and training loop, unchanged: lesson 04 samples from lesson 02's checkpoints as
+# they are, and trains lesson 02's default model itself only when run without --checkpoint. What lesson 04
+# teaches is above; read lesson 02 for what follows.
+# ====================================================================================================
+
+# --- model: lesson 02's U-Net ---
+
+def norm_groups(channels):
+    """GroupNorm groups: 32 as in the paper, fewer for narrow layers so that a group has 4+ channels, and always
+    a divisor of `channels` (a 144-channel layer gets 24 groups of 6), so that every width builds."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention across the H*W positions, with a residual: [B, C, H, W] -> same.
+
+    Convolutions only see neighbours; attention lets every position look at every other one.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)  # as in the paper's code: each block starts as the identity
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)  # [B, C, HW] each
+        # softmax(q^T k / sqrt(C)) v (Vaswani et al. 2017, Eq. 1): weights [B, HW, HW] over all positions.
+        weights = torch.softmax((q / math.sqrt(channels)).transpose(1, 2) @ k, dim=-1)  # scale the small q
+        h = v @ weights.transpose(1, 2)  # [B, C, HW]: each position a weighted mix of every position's v
+        return x + self.out(h.reshape(batch, channels, height, width))
+
+
+class ResBlock(nn.Module):
+    """DDPM's residual block, optionally followed by self-attention: [B, in, H, W] -> [B, out, H, W].
+
+    norm-SiLU-conv, plus a projection of the time embedding, then norm-SiLU-dropout-conv, plus a shortcut.
+    """
+
+    def __init__(self, in_channels, out_channels, embedding_dim, dropout, attention=False):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time = nn.Linear(embedding_dim, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # as in the paper's code: the block starts as its shortcut
+        nn.init.zeros_(self.conv2.bias)
+        same = in_channels == out_channels
+        self.shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
+        self.attention = SelfAttention(out_channels) if attention else nn.Identity()
+
+    def forward(self, x, embedding):
+        h = self.conv1(F.silu(self.norm1(x)))
+        # The time embedding, through its own linear layer, becomes one bias per channel.
+        h = h + self.time(F.silu(embedding))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attention(self.shortcut(x) + h)
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: ResNet blocks, then a resize (strided conv down, or nearest-neighbour
+    upsampling and a conv up), or no resize at the bottom of the down path and the top of the up path."""
+
+    def __init__(self, blocks, resize):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resize = resize
+
+
+class UNet(nn.Module):
+    """eps_pred = model(x_t, t): [B, C, H, W] and [B] -> [B, C, H, W]; H, W divisible by 2^(levels-1).
+
+    Default on 28x28: 28 -> 14 -> 7 with 16, 32, 64 channels, attention at 14x14 and at 7x7 in the
+    middle; the up path mirrors the down path and concatenates the output of every down block.
+    """
+
+    def __init__(self, channels=1, width=16, channel_mults=(1, 2, 4), num_res_blocks=1, dropout=0.0):
+        super().__init__()
+        self.width = width
+        embedding_dim = 4 * width  # DDPM's released code: sinusoidal embedding, then two dense layers of 4x width
+        self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
+                                      nn.Linear(embedding_dim, embedding_dim))
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        skip_channels, current = [width], width
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mults):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(current, width * mult, embedding_dim, dropout, level == ATTENTION_LEVEL))
+                current = width * mult
+                skip_channels.append(current)
+            downsample = None
+            if level < len(channel_mults) - 1:  # the lowest resolution is not halved again
+                downsample = nn.Conv2d(current, current, 3, stride=2, padding=1)
+                skip_channels.append(current)
+            self.down.append(Level(blocks, downsample))
+        self.middle = nn.ModuleList([ResBlock(current, current, embedding_dim, dropout, attention=True),
+                                     ResBlock(current, current, embedding_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):  # one more than down: it also takes the resize's skip
+                blocks.append(ResBlock(current + skip_channels.pop(), width * mult, embedding_dim, dropout,
+                                       level == ATTENTION_LEVEL))
+                current = width * mult
+            upsample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                     nn.Conv2d(current, current, 3, padding=1))
+            self.up.append(Level(blocks, upsample if level > 0 else None))
+        self.head = nn.Sequential(nn.GroupNorm(norm_groups(current), current), nn.SiLU(),
+                                  nn.Conv2d(current, channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)  # as in the paper's code: the network starts by predicting 0
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x_t, t):
+        embedding = self.time_mlp(timestep_embedding(t, self.width))
+        h = self.stem(x_t)
+        skips = [h]
+        for level in self.down:
+            for block in level.blocks:
+                h = block(h, embedding)
+                skips.append(h)
+            if level.resize is not None:
+                h = level.resize(h)
+                skips.append(h)
+        for block in self.middle:
+            h = block(h, embedding)
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), embedding)
+            if level.resize is not None:
+                h = level.resize(h)
+        return self.head(h)
+
+
+def build_model(config):
+    """The U-Net a checkpoint's config describes (lesson 04 builds the same one from the same keys)."""
+    return UNet(config["channels"], config["width"], tuple(config["channel_mults"]), config["num_res_blocks"],
+                config.get("dropout", 0.0))
+
+
+class EMA:
+    """Exponential moving average of the weights (DDPM Appendix B): the weights used for sampling.
+
+    The average is smoother than the weights of any one step, which jump around with the gradient noise.
+    """
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, step):
+        """Warm-up: early on, average over about the steps so far, so the random start is forgotten fast."""
+        return min(self.decay, (1 + step) / (EMA_WARMUP + step))
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = self.decay_at(step)
+        for average, value in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if average.is_floating_point():
+                average.lerp_(value, 1 - decay)  # average = decay * average + (1 - decay) * value
+            else:
+                average.copy_(value)
+
+
+# --- loss: lesson 02's ---
+
+def loss_fn(model, x0, alpha_bars, generator, prediction="eps"):
+    """DDPM Algorithm 1 on a batch x0 [B, C, H, W], lesson 02's objective: one scalar loss."""
+    t = torch.randint(0, len(alpha_bars), (x0.shape[0],), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = add_noise(x0, t, eps, alpha_bars)
+    alpha_bar_t = alpha_bars[t].view(-1, 1, 1, 1)
+    # As lesson 02: eps (DDPM Eq. 14) or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022).
+    target = eps if prediction == "eps" else alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
+    return F.mse_loss(model(x_t, t).float(), target)
+
+
+# --- training (only without --checkpoint: lesson 02's recipe, on one device, in float32) ---
+
+def train(args, model, ema, images, alpha_bars, config, device, start=None):
+    """Lesson 02's training loop, shortened: AdamW, warm-up, clipping, EMA; writes checkpoint and metrics."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    step = 0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        ema.model.load_state_dict(start["ema"])
+        optimizer.load_state_dict(start["optimizer"])
+        generator.set_state(start["rng"]["generator"])
+        torch.set_rng_state(start["rng"]["torch"])
+        step = start["step"]
+    total_steps, checkpoint_path = config["total_steps"], args.out / "checkpoint.pt"
+    order = EpochOrder(len(images), args.batch_size, config["steps_per_epoch"], args.seed)
+    log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size, LOG_EVERY, start is not None)
+    with StopRequest() as stop:
+        while step < total_steps and not stop.requested:
+            # a batch of clean images x0, and this step's learning rate
+            x0 = images[order.batch(step).to(device)]
+            lr = warmup_learning_rate(step, args.lr, WARMUP_STEPS)
+            set_learning_rate(optimizer, lr)
+            # lesson 02's loss, update and EMA
+            loss = loss_fn(model, x0, alpha_bars, generator, config.get("prediction", "eps"))
+            check_finite(loss.item(), step, checkpoint_path)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
+            ema.update(model, step)
+            step += 1
+            # log, and save what --resume needs
+            log.add(step, loss.item(), lr)
+            if checkpoint_due(step, total_steps, CHECKPOINT_EVERY, stop.requested):
+                save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
+                                 "epoch": step // config["steps_per_epoch"], "model": model.state_dict(),
+                                 "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()}},
+                                checkpoint_path)
+    log.close()
+    if stop.requested:
+        raise stopped_early(step, total_steps, checkpoint_path)
 
 
 if __name__ == "__main__":

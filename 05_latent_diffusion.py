@@ -263,82 +263,6 @@ def latent_scale(means, stds, generator):
     return 1.0 / z.std().item()
 
 
-# --- stage 2: the latent U-Net (lesson 02's, for small latents) ---
-
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * frequencies[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-class UNet(nn.Module):
-    """eps_pred = model(z_t, t): [B, C, h, w] and [B] -> [B, C, h, w], two resolutions (7x7 and 4x4 for
-    7x7 latents), one ResBlock each way per resolution, attention at every resolution of 16 or less.
-
-    Upsampling goes to the size of the matching skip, so odd sizes such as 7 work (7 -> 4 -> 7).
-    """
-
-    def __init__(self, channels=4, width=32, channel_mults=(1, 2), size=7):
-        super().__init__()
-        self.width = width
-        embedding_dim = 4 * width
-        self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
-                                      nn.Linear(embedding_dim, embedding_dim))
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        sizes = [math.ceil(size / 2 ** level) for level in range(len(channel_mults))]
-        widths = [width * mult for mult in channel_mults]
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        current = width
-        for level, (level_size, level_width) in enumerate(zip(sizes, widths)):
-            self.down.append(ResBlock(current, level_width, embedding_dim, level_size <= ATTENTION_MAX_SIZE))
-            current = level_width
-            if level < len(widths) - 1:
-                self.downsample.append(nn.Conv2d(current, current, 3, stride=2, padding=1))
-        self.middle = ResBlock(current, current, embedding_dim, attention=True)
-        self.up = nn.ModuleList()
-        for level_size, level_width in reversed(list(zip(sizes, widths))):
-            self.up.append(ResBlock(current + level_width, level_width, embedding_dim,
-                                    level_size <= ATTENTION_MAX_SIZE))
-            current = level_width
-        self.head = nn.Sequential(nn.GroupNorm(norm_groups(current), current), nn.SiLU(),
-                                  nn.Conv2d(current, channels, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight)  # as in lesson 02: the network starts by predicting 0
-        nn.init.zeros_(self.head[-1].bias)
-
-    def forward(self, z_t, t):
-        embedding = self.time_mlp(timestep_embedding(t, self.width))
-        h = self.stem(z_t)
-        skips = []
-        for level, block in enumerate(self.down):
-            h = block(h, embedding)
-            skips.append(h)
-            if level < len(self.downsample):
-                h = self.downsample[level](h)
-        h = self.middle(h, embedding)
-        for block in self.up:
-            skip = skips.pop()
-            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")  # 4x4 -> 7x7: nearest, as lesson 02
-            h = block(torch.cat([h, skip], dim=1), embedding)
-        return self.head(h)
-
-
-class EMA:
-    """Exponential moving average of the weights (lesson 02): the weights used for sampling."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model, step):
-        decay = min(self.decay, (1 + step) / (EMA_WARMUP + step))  # lesson 02's warm-up
-        for average, value in zip(self.model.parameters(), model.parameters()):
-            average.lerp_(value, 1 - decay)
-
-
 # --- loss and sampler in latent space ---
 
 def loss_fn(model, z0, alpha_bars, generator):
@@ -691,6 +615,87 @@ def main(argv=None):
             paths += write_interpolation(model, autoencoder, scale, config, args, device)
     for path in paths:
         print(f"wrote {path}")
+
+
+# ====================================================================================================
+# Lesson 02's U-Net and EMA, resized for 7x7 latents (two resolutions, attention at each) and built from the
+# blocks above. What lesson 05 teaches is above; read lesson 02 for what follows.
+# ====================================================================================================
+
+# --- stage 2's network: lesson 02's U-Net for small latents ---
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017, Sec. 3.5)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class UNet(nn.Module):
+    """eps_pred = model(z_t, t): [B, C, h, w] and [B] -> [B, C, h, w], two resolutions (7x7 and 4x4 for
+    7x7 latents), one ResBlock each way per resolution, attention at every resolution of 16 or less.
+
+    Upsampling goes to the size of the matching skip, so odd sizes such as 7 work (7 -> 4 -> 7).
+    """
+
+    def __init__(self, channels=4, width=32, channel_mults=(1, 2), size=7):
+        super().__init__()
+        self.width = width
+        embedding_dim = 4 * width
+        self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
+                                      nn.Linear(embedding_dim, embedding_dim))
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        sizes = [math.ceil(size / 2 ** level) for level in range(len(channel_mults))]
+        widths = [width * mult for mult in channel_mults]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        current = width
+        for level, (level_size, level_width) in enumerate(zip(sizes, widths)):
+            self.down.append(ResBlock(current, level_width, embedding_dim, level_size <= ATTENTION_MAX_SIZE))
+            current = level_width
+            if level < len(widths) - 1:
+                self.downsample.append(nn.Conv2d(current, current, 3, stride=2, padding=1))
+        self.middle = ResBlock(current, current, embedding_dim, attention=True)
+        self.up = nn.ModuleList()
+        for level_size, level_width in reversed(list(zip(sizes, widths))):
+            self.up.append(ResBlock(current + level_width, level_width, embedding_dim,
+                                    level_size <= ATTENTION_MAX_SIZE))
+            current = level_width
+        self.head = nn.Sequential(nn.GroupNorm(norm_groups(current), current), nn.SiLU(),
+                                  nn.Conv2d(current, channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)  # as in lesson 02: the network starts by predicting 0
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, z_t, t):
+        embedding = self.time_mlp(timestep_embedding(t, self.width))
+        h = self.stem(z_t)
+        skips = []
+        for level, block in enumerate(self.down):
+            h = block(h, embedding)
+            skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+        h = self.middle(h, embedding)
+        for block in self.up:
+            skip = skips.pop()
+            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")  # 4x4 -> 7x7: nearest, as lesson 02
+            h = block(torch.cat([h, skip], dim=1), embedding)
+        return self.head(h)
+
+
+class EMA:
+    """Exponential moving average of the weights (lesson 02): the weights used for sampling."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (EMA_WARMUP + step))  # lesson 02's warm-up
+        for average, value in zip(self.model.parameters(), model.parameters()):
+            average.lerp_(value, 1 - decay)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,16 @@ def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch, 
                    "--class-label", "3", "--num-samples", "2", "--guidance-weight", "0"])
     assert np.load(out / "samples.npz")["labels"].tolist() == [3, 3]
     assert not (out / "checkpoint.pt").exists()
+    # A checkpoint saved before the ResBlock's time layer was renamed (`embedding` -> `time`) still loads and
+    # draws exactly the same images.
+    state = torch.load(trained / "checkpoint.pt", weights_only=True)
+    for key in ("model", "ema"):
+        state[key] = {name.replace(".time.", ".embedding."): value for name, value in state[key].items()}
+    assert any(".embedding." in name for name in state["ema"])
+    torch.save(state, tmp_path / "old-names.pt")
+    lesson03.main(["--sample-only", "--checkpoint", str(tmp_path / "old-names.pt"), "--out", str(tmp_path / "old"),
+                   "--class-label", "3", "--num-samples", "2", "--guidance-weight", "0"])
+    assert np.array_equal(np.load(tmp_path / "old" / "samples.npz")["images"], np.load(out / "samples.npz")["images"])
     with monkeypatch.context() as patch:  # the guidance sweep is not what is checked here
         patch.setattr(lesson03, "SWEEP_WEIGHTS", (0.0,))
         assert_sampling_uses_the_ema_weights(trained / "checkpoint.pt", lambda path, folder: lesson03.main(
