@@ -89,7 +89,8 @@ def make_schedule(device, timesteps=T):
     # (Apple's MPS has no float64).
     betas = torch.linspace(BETA_START * scale, BETA_END * scale, timesteps, dtype=torch.float64)
     alphas = 1.0 - betas
-    # DDPM Section 2: alpha_bar_t = prod_{s<=t} alpha_s, the share of signal left at step t.
+    # DDPM Section 2: alpha_bar_t = prod_{s<=t} alpha_s, the share of signal left at step t (diffusers calls it
+    # alphas_cumprod).
     alpha_bars = torch.cumprod(alphas, dim=0)
     return {name: values.float().to(device) for name, values in
             (("betas", betas), ("alphas", alphas), ("alpha_bars", alpha_bars))}
@@ -186,14 +187,14 @@ def loss_fn(model, x0, schedule, generator):
 
 # --- sampler ---
 
-def schedule_lists(schedule):
-    """(betas, alphas, alpha_bars) as Python lists: in the sampling loop, floats cost no tensor ops."""
-    return tuple(schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars"))
+def sampling_constants(schedule):
+    """{"betas", "alphas", "alpha_bars"} as lists of Python floats: in the sampling loop, floats cost no tensor ops."""
+    return {name: schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars")}
 
 
 def sample_step(model, x_t, t, constants, generator):
     """One reverse step of DDPM Algorithm 2: x_t [N, C, H, W] at timestep t -> x_{t-1}."""
-    betas, alphas, alpha_bars = constants  # from schedule_lists()
+    betas, alphas, alpha_bars = constants["betas"], constants["alphas"], constants["alpha_bars"]
     eps_pred = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device))
     # DDPM Eq. 11, the mean of p(x_{t-1} | x_t) written with the predicted noise:
     # mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps_pred) / sqrt(alpha_t)
@@ -210,10 +211,10 @@ def sample(model, schedule, shape, generator, keep=()):
 
     Returns the images and {t: x_t} for each t in `keep` (the denoising pictures).
     """
-    constants = schedule_lists(schedule)  # so that the loop spends its time in the network
+    constants = sampling_constants(schedule)  # so that the loop spends its time in the network
     x_t = torch.randn(shape, device=schedule["betas"].device, generator=generator)
     kept = {}
-    for t in tqdm(range(len(constants[0]) - 1, -1, -1), desc="sampling", leave=False):
+    for t in tqdm(range(len(constants["betas"]) - 1, -1, -1), desc="sampling", leave=False):
         x_t = sample_step(model, x_t, t, constants, generator)
         if t in keep:
             kept[t] = x_t.clamp(-1, 1).cpu()

@@ -154,7 +154,8 @@ def make_schedule(name, device, timesteps=T):
         # Improved DDPM Section 3.2: beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped at 0.999.
         betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
     alphas = 1 - betas
-    alpha_bars = torch.cumprod(alphas, dim=0)  # DDPM Section 2: alpha_bar_t = prod_{s<=t} alpha_s
+    # DDPM Section 2: alpha_bar_t = prod_{s<=t} alpha_s (diffusers calls it alphas_cumprod).
+    alpha_bars = torch.cumprod(alphas, dim=0)
     alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
     schedule = {
         "betas": betas, "alphas": alphas, "alpha_bars": alpha_bars, "alpha_bars_prev": alpha_bars_prev,

@@ -140,7 +140,7 @@ def make_schedule(device, timesteps=T):
     f = torch.cos((steps / timesteps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)  # Improved DDPM Section 3.2
     alphas = 1 - betas
-    alpha_bars = torch.cumprod(alphas, dim=0)
+    alpha_bars = torch.cumprod(alphas, dim=0)  # alpha_bar_t = prod_{s<=t} alpha_s (diffusers: alphas_cumprod)
     alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
     schedule = {
         "betas": betas, "alpha_bars": alpha_bars,
@@ -276,6 +276,15 @@ def guided_eps(model, x_t, t, labels, w):
     return (1 + w) * eps_cond - w * eps_uncond
 
 
+def sampling_constants(schedule):
+    """The posterior's per-step values as lists of Python floats ({"alpha_bars", "posterior_x0_weights",
+    "posterior_xt_weights", "sigmas"}): in the sampling loop, floats cost no tensor ops."""
+    names = ("alpha_bars", "posterior_x0_weights", "posterior_xt_weights")
+    constants = {name: schedule[name].tolist() for name in names}
+    constants["sigmas"] = schedule["posterior_variances"].sqrt().tolist()  # sigma_t^2 = beta_tilde_t
+    return constants
+
+
 def sample_step(model, x_t, t, labels, w, constants, generator):
     """One guided reverse step (lesson 02's posterior step): x_t [N, C, H, W] at timestep t -> x_{t-1}."""
     eps_pred = guided_eps(model, x_t, torch.full((x_t.shape[0],), t, device=x_t.device), labels, w)
@@ -295,9 +304,7 @@ def sample_step(model, x_t, t, labels, w, constants, generator):
 def sample(model, schedule, labels, w, x_T, generator, keep=()):
     """Images of classes labels [N] from the starting noise x_T [N, C, H, W] at guidance w (a float, or
     a tensor [N]): T reverse steps -> images in [-1, 1], and {t: x_t} for t in `keep`."""
-    constants = {name: schedule[name].tolist() for name in ("alpha_bars", "posterior_x0_weights",
-                                                            "posterior_xt_weights")}
-    constants["sigmas"] = schedule["posterior_variances"].sqrt().tolist()
+    constants = sampling_constants(schedule)  # so that the loop spends its time in the network
     x_t, kept = x_T, {}
     for t in tqdm(range(len(constants["sigmas"]) - 1, -1, -1), desc="sampling", leave=False):
         x_t = sample_step(model, x_t, t, labels, w, constants, generator)

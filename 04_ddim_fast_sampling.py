@@ -150,8 +150,9 @@ def parse_args(argv=None):
 # Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers. DDIM's paper writes
 # alpha_t for what DDPM (and this course) calls alpha_bar_t.
 
-def make_alpha_bars(name, device, timesteps=T):
-    """alpha_bar_t for t = 0 .. T-1 ([timesteps], float32), for lesson 02's linear or cosine schedule."""
+def make_schedule(name, device, timesteps=T):
+    """Lesson 02's linear or cosine schedule: {"betas", "alphas", "alpha_bars"}, each [timesteps] float32 on
+    `device` for t = 0 .. T-1. DDIM needs only alpha_bars (diffusers: alphas_cumprod)."""
     if name == "linear":
         scale = 1000 / timesteps  # as lesson 02: DDPM's betas are for T = 1000
         betas = torch.linspace(BETA_START * scale, BETA_END * scale, timesteps, dtype=torch.float64)
@@ -159,7 +160,9 @@ def make_alpha_bars(name, device, timesteps=T):
         steps = torch.arange(timesteps + 1, dtype=torch.float64)
         f = torch.cos((steps / timesteps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2  # Improved DDPM Eq. 17
         betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
-    return torch.cumprod(1 - betas, dim=0).float().to(device)
+    alphas = 1 - betas
+    schedule = {"betas": betas, "alphas": alphas, "alpha_bars": torch.cumprod(alphas, dim=0)}
+    return {name: values.float().to(device) for name, values in schedule.items()}  # MPS has no float64
 
 
 def add_noise(x0, t, eps, alpha_bars):
@@ -302,19 +305,19 @@ def clip_for(prediction, chosen=None):
 
 @torch.inference_mode()
 def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing=None, prediction="eps",
-           clip_x0=None, generator=None, keep=0):
+           clip_x0=None, generator=None, snapshots=0):
     """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` network calls (1..T), with DDIM (DDIM Eq. 12,
-    0 <= eta <= 1) or DPM-Solver++(2M) (deterministic; eta is ignored); also about `keep` snapshots along the
+    0 <= eta <= 1) or DPM-Solver++(2M) (deterministic; eta is ignored); also about `snapshots` (a count) along the
     way, as (timestep, x_t) pairs. alpha_bars [T] is the training schedule; spacing defaults to the sampler's
     DEFAULT_SPACING, clip_x0 to clip_for(prediction). Raises ValueError for an unknown spacing."""
     spacing, clip_x0 = spacing_for(sampler, spacing), clip_for(prediction, clip_x0)
-    constants = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
+    alpha_bars_list = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
     x_t, kept, previous = x_T, [], None
-    every = max(1, steps // keep) if keep else 0
+    every = max(1, steps // snapshots) if snapshots else 0
     pairs = timestep_pairs(steps, spacing, alpha_bars)
     progress = tqdm(pairs, desc=f"{SAMPLER_NAMES[sampler]} {steps} steps", leave=False)
     for index, (t, t_prev) in enumerate(progress):
-        alpha_bar_t, alpha_bar_prev = constants[t], constants[t_prev] if t_prev >= 0 else 1.0
+        alpha_bar_t, alpha_bar_prev = alpha_bars_list[t], alpha_bars_list[t_prev] if t_prev >= 0 else 1.0
         eps_pred, x0_pred = predict_eps_and_x0(model, x_t, t, alpha_bar_t, prediction, clip_x0)
         if sampler == "ddim":
             x_t = ddim_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev, eta, generator)
@@ -331,17 +334,17 @@ def ddim_invert(model, alpha_bars, x0, steps, spacing="trailing", prediction="ep
     """DDIM inversion: the sampler's eta = 0 steps (Eq. 12) run backwards, from an image x0 [N, C, H, W] up to
     the noise x_T that deterministic sampling maps back to (nearly) x0. It relies on eps_pred barely changing
     between neighbouring steps: each step uses the prediction at its lower end, where the sampler used the upper."""
-    constants = alpha_bars.tolist()
+    alpha_bars_list = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
     x_t = x0
     for t_next, t in reversed(timestep_pairs(steps, spacing, alpha_bars)):  # (t, t_next) upwards: (-1, tau_1), (tau_1, tau_2) ...
-        alpha_bar_next = constants[t_next]
+        alpha_bar_next = alpha_bars_list[t_next]
         if t < 0:
             # From the clean image, as the sampler's last step reached it: x0 is known, and eps is asked of the
             # network at tau_1 (it cannot be asked at the clean image).
             eps_pred, _ = predict_eps_and_x0(model, x_t, t_next, alpha_bar_next, prediction, clip_x0=False)
             x0_pred = x_t
         else:
-            eps_pred, x0_pred = predict_eps_and_x0(model, x_t, t, constants[t], prediction, clip_x0=False)
+            eps_pred, x0_pred = predict_eps_and_x0(model, x_t, t, alpha_bars_list[t], prediction, clip_x0=False)
         # Eq. 12 with sigma = 0, from t up to t_next: the same deterministic map, read the other way.
         x_t = math.sqrt(alpha_bar_next) * x0_pred + math.sqrt(1 - alpha_bar_next) * eps_pred
     return x_t
@@ -360,7 +363,7 @@ def sampler_for(model, alpha_bars, config, args):
     return draw
 
 
-def write_figures(model, alpha_bars, config, args, device, images):
+def write_samples(model, alpha_bars, config, args, device, images):
     """samples.png/.npz, denoising.gif/.png, steps.png, inversion.png, inversion_error.png; returns the paths."""
     shape = (config["channels"], config["image_size"], config["image_size"])
     draw = sampler_for(model, alpha_bars, config, args)
@@ -368,7 +371,7 @@ def write_figures(model, alpha_bars, config, args, device, images):
     x_T = torch.randn((args.num_samples, *shape), device=device, generator=generator)
     started = time.perf_counter()
     samples, kept = in_batches(args.num_samples, args.sample_batch_size, lambda start, count: draw(
-        x_T[start:start + count], args.steps, eta=args.eta, generator=generator, keep=GIF_FRAMES))
+        x_T[start:start + count], args.steps, eta=args.eta, generator=generator, snapshots=GIF_FRAMES))
     first_batch = min(args.num_samples, args.sample_batch_size)  # the snapshots in `kept` are of the first batch
     eta = f", eta = {args.eta:g}" if args.sampler == "ddim" else ""
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s "
@@ -475,13 +478,13 @@ def main(argv=None):
                          args.out / "checkpoint.pt")
         model = UNet(config["channels"], args.width, args.channel_mults, 1).to(device)
         ema = EMA(model, EMA_DECAY)
-        train(args, model, ema, images, make_alpha_bars(args.schedule, device, config["timesteps"]), config, device,
+        train(args, model, ema, images, make_schedule(args.schedule, device, config["timesteps"])["alpha_bars"], config, device,
               start)
         model = ema.model
         print(f"wrote {visualize.save_loss_curve(args.out / 'metrics.csv', args.out / 'loss.png')}")
-    alpha_bars = make_alpha_bars(config["schedule"], device, config["timesteps"])
+    alpha_bars = make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]
     args.steps = args.steps or min(DEFAULT_STEPS, config["timesteps"])
-    paths = write_figures(model, alpha_bars, config, args, device, dataset.images)
+    paths = write_samples(model, alpha_bars, config, args, device, dataset.images)
     if args.interpolate:
         paths += write_interpolation(model, alpha_bars, config, args, device)
     for output in paths:

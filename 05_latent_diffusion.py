@@ -126,12 +126,16 @@ def parse_args(argv=None):
 # --- noise schedule (lesson 02's cosine schedule; only alpha_bar is needed) ---
 # Timesteps are 0-based in code: t = 0 .. T-1 here is t = 1 .. T in the papers.
 
-def make_alpha_bars(device, timesteps=T):
-    """alpha_bar_t for t = 0 .. T-1 ([timesteps], float32): Improved DDPM Eq. 17, betas clipped at 0.999."""
+def make_schedule(device, timesteps=T):
+    """Lesson 02's cosine schedule (Improved DDPM Eq. 17, betas clipped at 0.999): {"betas", "alphas",
+    "alpha_bars"}, each [timesteps] float32 on `device` for t = 0 .. T-1. DDIM needs only alpha_bars (diffusers:
+    alphas_cumprod)."""
     steps = torch.arange(timesteps + 1, dtype=torch.float64)
     f = torch.cos((steps / timesteps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
-    return torch.cumprod(1 - betas, dim=0).float().to(device)
+    alphas = 1 - betas
+    schedule = {"betas": betas, "alphas": alphas, "alpha_bars": torch.cumprod(alphas, dim=0)}
+    return {name: values.float().to(device) for name, values in schedule.items()}  # MPS has no float64
 
 
 def add_noise(z0, t, eps, alpha_bars):
@@ -286,22 +290,22 @@ def timestep_sequence(steps, spacing="trailing", alpha_bars=None):
 
 
 @torch.inference_mode()
-def ddim_sample(model, alpha_bars, z_T, steps, eta=0.0, generator=None, keep=0, spacing="trailing"):
+def ddim_sample(model, alpha_bars, z_T, steps, eta=0.0, generator=None, snapshots=0, spacing="trailing"):
     """Noise z_T [N, C, h, w] -> scaled latents z_0 in `steps` DDIM steps (DDIM Eq. 12 and 16, as in
-    lesson 04), and about `keep` snapshots of the predicted z_0 along the way.
+    lesson 04), and about `snapshots` (a count) of the predicted z_0 along the way, as (timestep, z0_pred) pairs.
 
     Unlike pixels, latents have no fixed range: the predicted z_0 is not clipped.
     """
     if not 0 <= eta <= 1:  # above 1, sigma^2 exceeds 1 - alpha_bar_prev: no real direction term in Eq. 12
         raise ValueError(f"DDIM's eta must lie in [0, 1], got {eta}")
-    constants = alpha_bars.tolist()
+    alpha_bars_list = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
     taus = timestep_sequence(steps, spacing, alpha_bars)
     z_t, kept = z_T, []
-    every = max(1, steps // keep) if keep else 0
+    every = max(1, steps // snapshots) if snapshots else 0
     for index in tqdm(range(steps - 1, -1, -1), desc=f"DDIM {steps} steps", leave=False):
         t = taus[index]
-        alpha_bar_t = constants[t]
-        alpha_bar_prev = constants[taus[index - 1]] if index > 0 else 1.0
+        alpha_bar_t = alpha_bars_list[t]
+        alpha_bar_prev = alpha_bars_list[taus[index - 1]] if index > 0 else 1.0
         eps_pred = model(z_t, torch.full((z_t.shape[0],), t, device=z_t.device))
         # 1. predicted z_0: DDPM Eq. 4 solved for z_0.
         z0_pred = (z_t - math.sqrt(1 - alpha_bar_t) * eps_pred) / math.sqrt(alpha_bar_t)
@@ -380,7 +384,7 @@ def train_diffusion(args, latents, scale, autoencoder, config, device, start):
         generator.set_state(start["generator"])
         torch.set_rng_state(start["rng"]["torch"])
         step = start["step"]
-    alpha_bars = make_alpha_bars(device, config["timesteps"])
+    alpha_bars = make_schedule(device, config["timesteps"])["alpha_bars"]
     total_steps, path = config["diffusion_steps"], args.out / "checkpoint.pt"
     order = EpochOrder(len(means), args.batch_size, len(means) // args.batch_size, args.seed)
     log = TrainingLog(args.out / "metrics.csv", total_steps, step, args.batch_size, LOG_EVERY, start is not None,
@@ -446,7 +450,7 @@ def write_samples(model, autoencoder, scale, config, args, device):
     latent_shape = (config["latent_channels"], config["latent_size"], config["latent_size"])
     generator = torch.Generator(device=device).manual_seed(args.seed)
     z_T = torch.randn((args.num_samples, *latent_shape), device=device, generator=generator)
-    alpha_bars = make_alpha_bars(device, config["timesteps"])
+    alpha_bars = make_schedule(device, config["timesteps"])["alpha_bars"]
 
     def draw(start, count):
         z0, kept = ddim_sample(model, alpha_bars, z_T[start:start + count], args.steps, args.eta, generator,
@@ -480,7 +484,7 @@ def write_interpolation(model, autoencoder, scale, config, args, device):
     corners = torch.randn((4, *latent_shape), device=device, generator=generator)
     walks = torch.stack([interpolation.row(corners[0], corners[1], INTERPOLATION_POINTS, method)
                          for method in ("slerp", "lerp")])  # [2, K, c, h, w]
-    alpha_bars = make_alpha_bars(device, config["timesteps"])
+    alpha_bars = make_schedule(device, config["timesteps"])["alpha_bars"]
 
     def decode(z_T):
         z0, _ = ddim_sample(model, alpha_bars, z_T, args.steps, 0.0, spacing=args.timestep_spacing)

@@ -72,7 +72,7 @@ def main(argv=None):
     device = pick_device("cpu")
     model, config = lesson04.load_model(args.checkpoint, device)
     prediction = config.get("prediction", "eps")
-    alpha_bars = lesson04.make_alpha_bars(config["schedule"], device)
+    alpha_bars = lesson04.make_schedule(config["schedule"], device)["alpha_bars"]
     test = data.load_dataset(config["dataset"], args.data_dir, split="test", download=False).images
     generator = torch.Generator().manual_seed(0)
     held_out = test[torch.randperm(len(test), generator=generator)[:512]]

@@ -48,7 +48,7 @@ def train_speed(model, batch_size, channels_last, schedule):
 @torch.inference_mode()
 def sampling_split(model, schedule, batch):
     """Seconds per sampling step, and per bare network call, on the same batch."""
-    lists = lesson01.schedule_lists(schedule)
+    lists = lesson01.sampling_constants(schedule)
     x_t, generator = torch.randn(batch, 1, 28, 28), torch.Generator().manual_seed(0)
     t_batch = torch.full((batch,), 500)
     for _ in range(3):

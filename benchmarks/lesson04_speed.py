@@ -56,7 +56,7 @@ def main():
     torch.manual_seed(0)
     model = lesson02.UNet(1, 16, (1, 2, 4), 1).to(device).eval()  # lesson 02's default: width 16, mults 1,2,4
     schedule = lesson02.make_schedule("cosine", device)
-    alpha_bars = lesson04.make_alpha_bars("cosine", device)
+    alpha_bars = lesson04.make_schedule("cosine", device)["alpha_bars"]
     shape = (args.batch, 1, 28, 28)
     x_T = torch.randn(shape, device=device)
 

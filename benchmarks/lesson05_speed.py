@@ -62,7 +62,7 @@ def main():
     latent_model = lesson05.UNet(defaults.latent_channels, defaults.width, (1, 2), 7).to(device)
     latent_parts = (latent_model, lesson05.EMA(latent_model, 0.999), torch.optim.AdamW(latent_model.parameters()))
     latents = torch.randn(args.batch, defaults.latent_channels, 7, 7, device=device)
-    alpha_bars = lesson05.make_alpha_bars(device)
+    alpha_bars = lesson05.make_schedule(device)["alpha_bars"]
 
     autoencoder = lesson05.Autoencoder(1, defaults.autoencoder_width, defaults.latent_channels).to(device)
     autoencoder_optimizer = torch.optim.Adam(autoencoder.parameters())

@@ -122,7 +122,7 @@ def draw(sampler, steps, eta, model, config, noises, args, device):
     (images on the CPU, seconds)."""
     prediction = config.get("prediction", "eps")
     schedule = lesson02.make_schedule(config["schedule"], device, config["timesteps"])
-    alpha_bars = lesson04.make_alpha_bars(config["schedule"], device, config["timesteps"])
+    alpha_bars = lesson04.make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]
     constants = lesson02.sampling_constants(schedule, "posterior")  # lesson 02's defaults: the posterior variance
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # the noise added along the way
     images = []

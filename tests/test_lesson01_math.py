@@ -146,7 +146,7 @@ def test_sample_step_draws_from_the_true_posterior_given_the_true_noise(lesson01
     torch.manual_seed(0)
     x0 = torch.full((1, 1, 100, 100), 0.5)
     x_t = torch.randn(1, 1, 100, 100)
-    x_prev = lesson01.sample_step(oracle(schedule, x0), x_t, t, lesson01.schedule_lists(schedule), torch.Generator())
+    x_prev = lesson01.sample_step(oracle(schedule, x0), x_t, t, lesson01.sampling_constants(schedule), torch.Generator())
     alpha_t, alpha_bar_t = schedule["alphas"][t].item(), schedule["alpha_bars"][t].item()
     alpha_bar_prev, beta_t = schedule["alpha_bars"][t - 1].item(), schedule["betas"][t].item()
     posterior_mean = (math.sqrt(alpha_bar_prev) * beta_t / (1 - alpha_bar_t) * x0

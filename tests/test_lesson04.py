@@ -22,7 +22,7 @@ def lesson02():
 @pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "quadratic", "logsnr"])
 @pytest.mark.parametrize("steps", [1, 3, 10, 50, 333, 1000])
 def test_timestep_sequences_are_valid(lesson04, spacing, steps):
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     taus = lesson04.timestep_sequence(steps, spacing, alpha_bars)
     assert len(taus) == steps and 0 <= taus[0]
     assert all(a < b for a, b in zip(taus, taus[1:]))  # increasing and distinct (walked backwards)
@@ -52,7 +52,7 @@ def test_timestep_spacings_match_diffusers_definitions(lesson04):
 def test_logsnr_spacing_takes_equal_steps_in_log_snr(lesson04, schedule):
     """logsnr: the t nearest to each of S equally spaced lambda = 0.5 log(alpha_bar / (1 - alpha_bar)), from
     lambda at t = T - 1 up to (not including) lambda at t = 0, computed here independently in numpy (float64)."""
-    alpha_bars = lesson04.make_alpha_bars(schedule, "cpu")
+    alpha_bars = lesson04.make_schedule(schedule, "cpu")["alpha_bars"]
     lambdas = 0.5 * np.log(alpha_bars.double().numpy() / (1 - alpha_bars.double().numpy()))
     checked = 0
     for steps in (3, 5, 8, 10):
@@ -74,7 +74,7 @@ def test_each_sampler_has_its_measured_default_spacing_and_clipping(lesson04):
     assert lesson04.DEFAULT_SPACING == {"ddim": "trailing", "dpm-solver++": "logsnr"}
     assert lesson04.clip_for("eps") and not lesson04.clip_for("v")
     assert not lesson04.clip_for("eps", False) and lesson04.clip_for("v", True)
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
 
     eps_model = gaussian_denoiser(alpha_bars, 1.2, 0.5)  # exact, for pixels N(1.2, 0.5^2): clipping shows
@@ -112,7 +112,7 @@ def test_deterministic_sampling_from_T_minus_1_is_unbiased(lesson04, sampler):
     count. Starting below T - 1 ("leading", the DDIM paper's floor(c i)) treats x_t at t = 980 as if it were pure
     noise and picks the dark image 42% of the time at 50 steps, 15% at 10 (measured); trailing gives 50.6%, and so
     must logsnr, which also starts at T - 1."""
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     model = two_image_denoiser(alpha_bars)
     x_T = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     for steps in (10, 50):
@@ -126,7 +126,7 @@ def test_deterministic_sampling_from_T_minus_1_is_unbiased(lesson04, sampler):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_sigma_eta_1_is_the_ddpm_posterior_std(lesson04, lesson02, schedule):
-    alpha_bars = lesson04.make_alpha_bars(schedule, "cpu").double().tolist()
+    alpha_bars = lesson04.make_schedule(schedule, "cpu")["alpha_bars"].double().tolist()
     ddpm = lesson02.make_schedule(schedule, "cpu")
     for t in (1, 10, 500, 990):  # consecutive steps: the posterior's beta_tilde_t
         sigma = lesson04.ddim_sigma(alpha_bars[t], alpha_bars[t - 1], eta=1.0)
@@ -142,7 +142,7 @@ def test_sigma_eta_1_is_the_ddpm_posterior_std(lesson04, lesson02, schedule):
 def test_ddim_with_every_step_and_eta_1_is_the_ddpm_step(lesson04, lesson02):
     """Mean and variance of Eq. 12 with eta = 1 between consecutive steps equal DDPM's ancestral step (Eq. 7
     with beta_tilde), for the same noise prediction."""
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     ddpm = lesson02.make_schedule("cosine", "cpu")
     constants = lesson02.sampling_constants(ddpm, "posterior")
     eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -193,7 +193,7 @@ def test_dpm_solver_converges_to_the_exact_ode_solution_faster_than_ddim(lesson0
     sqrt(alpha_bar std^2 + 1 - alpha_bar) constant. DDIM is first order (error halves with twice the steps);
     DPM-Solver++(2M) is second order and reaches in 20 steps what DDIM does not reach in 100 (measured:
     max error 0.098 for DDIM-20, 0.020 DDIM-100, 0.0039 DPM-Solver-20)."""
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     mean, std = 0.3, 0.5
     model = gaussian_denoiser(alpha_bars, mean, std)
     x_T = torch.randn(500, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -211,7 +211,7 @@ def test_dpm_solver_converges_to_the_exact_ode_solution_faster_than_ddim(lesson0
 
 def test_dpm_solver_first_step_is_the_ddim_step(lesson04):
     """Without a previous prediction DPM-Solver++ is first order, and its first-order update is DDIM's eta = 0 step."""
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu").tolist()
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"].tolist()
     generator = torch.Generator().manual_seed(0)
     x_t, eps = torch.randn(2, 1, 4, 4, generator=generator), torch.randn(2, 1, 4, 4, generator=generator)
     for t, t_prev in ((999, 979), (500, 400), (99, 0), (19, -1)):
@@ -231,7 +231,7 @@ def test_eta_0_is_deterministic_and_eta_1_is_not(lesson04, lesson02):
     model = lesson02.UNet(1, 8, (1, 2), 1).eval()
     with torch.no_grad():  # move the zero-initialised output layer, so that the network predicts something
         model.head[-1].weight.normal_(0, 0.1)
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     x_T = torch.randn(2, 1, 8, 8)
     a, _ = lesson04.sample(model, alpha_bars, x_T, 10, eta=0.0)
     b, _ = lesson04.sample(model, alpha_bars, x_T, 10, eta=0.0)
@@ -243,7 +243,7 @@ def test_eta_0_is_deterministic_and_eta_1_is_not(lesson04, lesson02):
 @pytest.mark.parametrize("spacing", ["trailing", "leading"])
 def test_oracle_inversion_and_sampling_round_trip(lesson04, spacing):
     """With the exact noise prediction for a single data point, inversion then sampling returns the image."""
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     x0 = torch.rand(2, 1, 8, 8) * 1.6 - 0.8
 
     def oracle(x_t, t):
@@ -282,7 +282,7 @@ def test_sampling_uses_the_ema_weights_of_a_lesson02_checkpoint(tiny_data_dir, t
 
     def sample_only(path, folder):  # what lesson 04 does with --checkpoint, without its other figures
         model, config = lesson04.load_model(path, "cpu")
-        alpha_bars = lesson04.make_alpha_bars(config["schedule"], "cpu", 25)
+        alpha_bars = lesson04.make_schedule(config["schedule"], "cpu", 25)["alpha_bars"]
         x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         folder.mkdir()
         save_samples_npz(lesson04.sample(model, alpha_bars, x_T, 5, prediction=config["prediction"])[0],
@@ -382,7 +382,7 @@ def test_inversion_then_sampling_reconstructs_training_images_on_a_trained_model
         top, left = divmod(label, 5)
         patterns[label, :, 2 + 4 * top:6 + 4 * top, 1 + 2 * left:5 + 2 * left] = 1.0
     model = lesson04.UNet(1, 16, (1, 2), 1)
-    alpha_bars = lesson04.make_alpha_bars("cosine", "cpu")
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []

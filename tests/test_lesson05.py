@@ -105,7 +105,7 @@ def test_latent_unet_handles_odd_sizes_and_starts_at_zero(lesson05):
 
 def test_ddim_in_latent_space_reaches_the_single_data_point_of_an_exact_model(lesson05):
     """With the exact eps for a one-point data set, deterministic DDIM lands on that point from any noise."""
-    alpha_bars = lesson05.make_alpha_bars("cpu")
+    alpha_bars = lesson05.make_schedule("cpu")["alpha_bars"]
     z0 = torch.randn(1, 4, 3, 3) * 2  # latents are not bounded: nothing clips them
 
     def oracle(z_t, t):
@@ -113,7 +113,7 @@ def test_ddim_in_latent_space_reaches_the_single_data_point_of_an_exact_model(le
         return (z_t - alpha_bar_t.sqrt() * z0) / (1 - alpha_bar_t).sqrt()
 
     z_T = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
-    sampled, kept = lesson05.ddim_sample(oracle, alpha_bars, z_T, 10, keep=5)
+    sampled, kept = lesson05.ddim_sample(oracle, alpha_bars, z_T, 10, snapshots=5)
     assert torch.allclose(sampled, z0.expand(2, -1, -1, -1), atol=1e-4)
     assert len(kept) == 5
 
@@ -123,7 +123,7 @@ def test_latent_ddim_noise_is_eq_16(lesson05, eta):
     """Lesson 05's own DDIM step adds noise of standard deviation sigma = eta sqrt((1 - alpha_bar_prev) /
     (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev) (DDIM Eq. 16). With eps_pred = 0 and z_T = 0, two
     steps (t = 999 -> 499 -> clean) end at sigma z / sqrt(alpha_bar_499): their spread measures sigma."""
-    alpha_bars = lesson05.make_alpha_bars("cpu")
+    alpha_bars = lesson05.make_schedule("cpu")["alpha_bars"]
     z_T = torch.zeros(20000, 1, 1, 1)
     z0, _ = lesson05.ddim_sample(lambda z, t: torch.zeros_like(z), alpha_bars, z_T, 2, eta,
                                  torch.Generator().manual_seed(0))
@@ -139,7 +139,7 @@ def test_latent_ddim_from_T_minus_1_is_unbiased(lesson05):
     deterministic DDIM must draw each half of the time. The DDIM paper's leading spacing starts at t = 980 for 50
     steps and treats that x_t as pure noise: it picks the low latent about 42% of the time (15% at 10 steps)."""
     from utils.visualize import ideal_x0
-    alpha_bars = lesson05.make_alpha_bars("cpu")
+    alpha_bars = lesson05.make_schedule("cpu")["alpha_bars"]
     constants = alpha_bars.tolist()
     reference = torch.stack([torch.full((1, 28, 28), -1.0), torch.full((1, 28, 28), 0.5)])  # as lesson 04's test
 

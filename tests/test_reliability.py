@@ -160,7 +160,7 @@ def test_lesson04_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
     """Lesson 04 trains lesson 02's model when given no checkpoint: N steps straight and N/2 + resume + N/2
     end in identical model, EMA and optimizer states (lessons 01, 02, 03 and 05 have their own such test)."""
     module = lesson_module("04")
-    monkeypatch.setattr(module, "write_figures", lambda *arguments: [])  # the training state is what counts
+    monkeypatch.setattr(module, "write_samples", lambda *arguments: [])  # the training state is what counts
     common = ["--data-dir", tiny_data_dir, *LESSONS["04"][1], "--device", "cpu"]
     module.main([str(arg) for arg in ["--out", tmp_path / "straight", "--max-steps", 8, *common]])
     module.main([str(arg) for arg in ["--out", tmp_path / "split", "--max-steps", 4, *common]])
