@@ -46,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
                         help="training images (default: mnist, or another one found here when mnist is not)")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    data.add_folder_arguments(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=5, help="passes over the training set")
     length.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps instead")
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    data.check_folder_arguments(parser, args)
+    if args.image_size is not None and args.image_size % 4:
+        parser.error(f"--image-size must be a multiple of 4 (the U-Net halves it twice), got {args.image_size}")
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
     if args.width % 8:
@@ -318,6 +322,7 @@ def main(argv=None):
         path = args.checkpoint or args.out / "checkpoint.pt"
         checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
+        data.check_sample_settings(config, args, path)
         schedule = make_schedule(device, saved_timesteps(config, args.timesteps, path))
         model = TinyUNet(config["channels"], config["width"]).to(device)
         model.load_state_dict(checkpoint["model"])
@@ -325,18 +330,18 @@ def main(argv=None):
             print(f"wrote {path}")
         return
     start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
-    dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
-                                      candidates=["mnist", "fashion-mnist"])
+    dataset = data.load_training_data(args)
     images = dataset.images.to(device)
     steps_per_epoch = max(1, len(images) // args.batch_size)
-    config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[2],
+    config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[2],
               "width": args.width, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
               "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt", T) if start
               else args.timesteps or T,
               "steps_per_epoch": steps_per_epoch,
               "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
-        require_same(start["config"], config, ARCHITECTURE_KEYS + ("dataset", "batch_size"), args.out / "checkpoint.pt")
+        require_same(start["config"], config, ARCHITECTURE_KEYS + data.data_keys(config) + ("batch_size",),
+                     args.out / "checkpoint.pt")
     schedule = make_schedule(device, config["timesteps"])
     model = TinyUNet(config["channels"], args.width).to(device)
     print(f"{dataset.name}: {len(images)} images {tuple(images.shape[1:])} from {dataset.source}; "
@@ -344,9 +349,7 @@ def main(argv=None):
           f"{config['total_steps']} steps of {args.batch_size}")
     forward = write_forward_process(images, schedule, args.seed, args.out / "forward.png")
     print(f"wrote {forward} (what the model learns to undo)")
-    started = time.perf_counter()
     train(args, model, images, schedule, config, device, start)
-    print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
     paths = [forward, args.out / "checkpoint.pt", args.out / "metrics.csv",
              visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]
     paths += write_samples(model, schedule, config, args, device)

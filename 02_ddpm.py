@@ -76,6 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
                         help="training images (default: mnist, or another one found here when mnist is not)")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    data.add_folder_arguments(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=5, help="passes over the training set")
     length.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps instead")
@@ -118,6 +119,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    data.check_folder_arguments(parser, args)
+    if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
+        parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
+                     f"(--channel-mults): use a multiple of {2 ** (len(args.channel_mults) - 1)}")
     if args.width % 2:
         parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
                      f"got {args.width}")
@@ -581,13 +586,13 @@ def setup_processes(device_name):
 def load_training_data(args, rank, world_size):
     """Rank 0 finds the dataset (maybe downloading it); the other processes then load the same one."""
     if rank == 0:
-        dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
-                                          candidates=["mnist", "fashion-mnist"])
+        dataset = data.load_training_data(args)
     if world_size > 1:
         chosen = [dataset.name if rank == 0 else None]
         dist.broadcast_object_list(chosen, src=0)
-        if rank != 0:
-            dataset = data.load_dataset(chosen[0], args.data_dir, download=False)
+        if rank != 0:  # an image folder: read from the cache that rank 0 has just written
+            dataset = data.load_training_data(args) if args.image_folder else data.load_dataset(
+                chosen[0], args.data_dir, download=False)
     return dataset
 
 
@@ -610,6 +615,7 @@ def train_and_sample(args, rank, world_size, device):
         path = args.checkpoint or args.out / "checkpoint.pt"
         checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
+        data.check_sample_settings(config, args, path)
         schedule = make_schedule(config["schedule"], device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config).to(device)
         model.load_state_dict(checkpoint["ema"])
@@ -627,7 +633,7 @@ def train_and_sample(args, rank, world_size, device):
     steps_per_epoch = len(images) // (args.batch_size * world_size)
     if steps_per_epoch == 0:
         raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size} x {world_size} processes")
-    config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": size, "width": args.width,
+    config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "schedule": args.schedule, "prediction": args.prediction,
               "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
@@ -635,7 +641,7 @@ def train_and_sample(args, rank, world_size, device):
               "batch_size": args.batch_size, "world_size": world_size, "seed": args.seed,
               "steps_per_epoch": steps_per_epoch, "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
-        resume_keys = ("prediction", "dataset", "batch_size", "world_size", "seed")
+        resume_keys = ("prediction", *data.data_keys(config), "batch_size", "world_size", "seed")
         require_same(start["config"], config, ARCHITECTURE_KEYS + resume_keys, args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)
@@ -645,11 +651,9 @@ def train_and_sample(args, rank, world_size, device):
               f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
               f"{config['total_steps']} steps of {args.batch_size} x {world_size} process(es) = "
               f"{args.batch_size * world_size} images")
-    started = time.perf_counter()
     train(args, model, ema, images, schedule, config, device, rank, world_size, start)
     if rank != 0:
         return
-    print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
     paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
              visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),
              # This lesson's two schedules side by side: the cosine one keeps more signal for longer.

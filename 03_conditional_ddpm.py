@@ -37,7 +37,7 @@ LESSON = "03_conditional_ddpm"
 T = 1000  # number of diffusion steps (the default of --timesteps)
 COSINE_OFFSET = 0.008  # Improved DDPM Section 3.2: s
 MAX_BETA = 0.999  # Improved DDPM Section 3.2: betas clipped at 0.999
-NUM_CLASSES = 10  # every dataset of the course has ten classes
+NUM_CLASSES = 10  # every built-in dataset has ten classes; an --image-folder has one per subfolder
 ATTENTION_LEVEL = 1  # self-attention at the second resolution (14x14 for MNIST, 16x16 for CIFAR-10)
 EMA_WARMUP = 10  # EMA decay rises as (1 + step) / (10 + step) towards --ema-decay
 GUIDANCE_WEIGHT = 2.0  # w of samples.png: clear classes, still varied (README, "Lesson 03": the sweep)
@@ -66,6 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
                         help="training images (default: mnist, or another one found here when mnist is not)")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    data.add_folder_arguments(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=4, help="passes over the training set")
     length.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps instead")
@@ -85,8 +86,9 @@ def parse_args(argv=None):
                           help="the same strength in diffusers' convention, guidance_scale = 1 + w (so 7.5 there is "
                                "w = 6.5 here); at least 1")
     parser.add_argument("--class-label", type=int, default=None,
-                        help=f"sample only this class (0..{NUM_CLASSES - 1}); default: every class in turn "
-                             "(one row per class when --num-samples is a multiple of 10)")
+                        help=f"sample only this class (0..{NUM_CLASSES - 1}, or an image folder's class number in the "
+                             "order of its sorted subfolder names); default: every class in turn (one row per class "
+                             "when --num-samples is a multiple of the number of classes)")
     parser.add_argument("--timesteps", type=positive_int, default=None,
                         help=f"diffusion steps T (default {T}): the cosine schedule drawn over T steps; a checkpoint "
                              f"keeps its own T")
@@ -106,12 +108,19 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    data.check_folder_arguments(parser, args)
+    if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
+        parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
+                     f"(--channel-mults): use a multiple of {2 ** (len(args.channel_mults) - 1)}")
     if args.width % 2:
         parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
                      f"got {args.width}")
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
-    if args.class_label is not None and not 0 <= args.class_label < NUM_CLASSES:
+    # The number of classes is known here for a built-in dataset; an image folder's or a checkpoint's is checked
+    # once it is read.
+    built_in = args.image_folder is None and not args.sample_only
+    if args.class_label is not None and (args.class_label < 0 or built_in and args.class_label >= NUM_CLASSES):
         parser.error(f"--class-label must be between 0 and {NUM_CLASSES - 1}, got {args.class_label}")
     if args.guidance_scale is not None and args.guidance_scale < 1.0:
         parser.error(f"--guidance-scale is diffusers' 1 + w and must be at least 1, got {args.guidance_scale:g}")
@@ -370,18 +379,21 @@ def train(args, model, ema, dataset, schedule, config, device, start=None):
 
 # --- main ---
 
-def sample_labels(args, device):
-    """--num-samples labels [N]: all --class-label, or the classes in order, split evenly: each class gets
-    floor(N / 10) or ceil(N / 10) samples (21 samples: 3 of class 0, 2 of each other class)."""
+def sample_labels(args, num_classes, device):
+    """--num-samples labels [N]: all --class-label, or the classes in order, split evenly: each of K classes gets
+    floor(N / K) or ceil(N / K) samples (21 samples of 10 classes: 3 of class 0, 2 of each other class)."""
     if args.class_label is not None:
+        if args.class_label >= num_classes:
+            raise LessonError(f"--class-label must be between 0 and {num_classes - 1}, got {args.class_label}")
         return torch.full((args.num_samples,), args.class_label, device=device)
-    return torch.arange(args.num_samples, device=device) * NUM_CLASSES // args.num_samples
+    return torch.arange(args.num_samples, device=device) * num_classes // args.num_samples
 
 
 def write_samples(model, schedule, config, args, device):
     """Sample at --guidance-weight (samples.png/.npz, denoising.gif/.png) and the guidance sweep; return paths."""
     shape = (config["channels"], config["image_size"], config["image_size"])
-    labels = sample_labels(args, device)
+    num_classes = config["num_classes"]
+    labels = sample_labels(args, num_classes, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x_T = torch.randn((len(labels), *shape), device=device, generator=generator)
     timesteps = len(schedule["betas"])
@@ -391,7 +403,7 @@ def write_samples(model, schedule, config, args, device):
         model, schedule, labels[start:start + count], args.guidance_weight, x_T[start:start + count], generator,
         keep={*gif_steps, *strip_steps}))
     print(f"sampled {len(labels)} images at w={args.guidance_weight:g} in {time.perf_counter() - started:.1f} s")
-    per_row = len(labels) if args.class_label is not None else math.ceil(args.num_samples / NUM_CLASSES)
+    per_row = len(labels) if args.class_label is not None else math.ceil(args.num_samples / num_classes)
     paths = [
         visualize.save_grid(images, args.out / "samples.png", nrow=per_row),
         visualize.save_samples_npz(images, args.out / "samples.npz", labels=labels),
@@ -400,13 +412,13 @@ def write_samples(model, schedule, config, args, device):
     ]
     # The sweep, in one batch: a row of one image per class for each w, every row from the same
     # starting noise, so that the rows differ only by w (and the noise added along the way).
-    classes = torch.arange(NUM_CLASSES, device=device).repeat(len(SWEEP_WEIGHTS))
-    weights = torch.tensor(SWEEP_WEIGHTS, device=device).repeat_interleave(NUM_CLASSES)
-    x_T = torch.randn((NUM_CLASSES, *shape), device=device, generator=generator).repeat(len(SWEEP_WEIGHTS), 1, 1, 1)
+    classes = torch.arange(num_classes, device=device).repeat(len(SWEEP_WEIGHTS))
+    weights = torch.tensor(SWEEP_WEIGHTS, device=device).repeat_interleave(num_classes)
+    x_T = torch.randn((num_classes, *shape), device=device, generator=generator).repeat(len(SWEEP_WEIGHTS), 1, 1, 1)
     started = time.perf_counter()
     sweep, _ = sample(model, schedule, classes, weights, x_T, generator)
     print(f"sampled the guidance sweep ({len(classes)} images) in {time.perf_counter() - started:.1f} s")
-    names = data.DATASETS[config["dataset"]].classes
+    names = config.get("classes") or data.DATASETS[config["dataset"]].classes  # checkpoints before folders: built-in
     paths.append(visualize.save_labeled_grid(sweep, [f"w = {w:g}" for w in SWEEP_WEIGHTS], list(names),
                                              args.out / "guidance.png", row_title="guidance strength",
                                              column_title="class"))
@@ -422,6 +434,7 @@ def main(argv=None):
         path = args.checkpoint or args.out / "checkpoint.pt"
         checkpoint = with_current_names(load_checkpoint(path, LESSON))
         config = checkpoint["config"]
+        data.check_sample_settings(config, args, path)
         schedule = make_schedule(device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config).to(device)
         model.load_state_dict(checkpoint["ema"])
@@ -429,23 +442,27 @@ def main(argv=None):
             print(f"wrote {path}")
         return
     start = with_current_names(load_checkpoint(args.out / "checkpoint.pt", LESSON)) if args.resume else None
-    dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
-                                      candidates=["mnist", "fashion-mnist"])
+    dataset = data.load_training_data(args)
+    if not dataset.classes:
+        raise LessonError(f"lesson 03 learns classes, and --image-folder {dataset.source} has none: put each class's "
+                          f"images in a subfolder named after it")
+    if args.class_label is not None and args.class_label >= len(dataset.classes):
+        raise LessonError(f"--class-label must be between 0 and {len(dataset.classes) - 1}, got {args.class_label}")
     dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)
     size = dataset.images.shape[-1]
     if size % 2 ** (len(args.channel_mults) - 1):
         raise LessonError(f"{dataset.name} images are {size}x{size}: too small to halve "
                           f"{len(args.channel_mults) - 1} times; use fewer --channel-mults")
     steps_per_epoch = max(1, len(dataset.images) // args.batch_size)
-    config = {"dataset": dataset.name, "channels": dataset.images.shape[1], "image_size": size, "width": args.width,
+    config = {**data.data_config(dataset), "channels": dataset.images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
-              "dropout": args.dropout, "num_classes": NUM_CLASSES, "p_uncond": args.p_uncond,
+              "dropout": args.dropout, "num_classes": len(dataset.classes), "p_uncond": args.p_uncond,
               "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
               else args.timesteps or T,
               "batch_size": args.batch_size, "seed": args.seed, "steps_per_epoch": steps_per_epoch,
               "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
-        require_same(start["config"], config, ARCHITECTURE_KEYS + ("dataset", "batch_size", "seed", "p_uncond"),
+        require_same(start["config"], config, ARCHITECTURE_KEYS + data.data_keys(config) + ("batch_size", "seed", "p_uncond"),
                      args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)
@@ -453,9 +470,7 @@ def main(argv=None):
     print(f"{dataset.name}: {len(dataset.images)} images {tuple(dataset.images.shape[1:])} from {dataset.source}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
           f"{config['total_steps']} steps of {args.batch_size}; labels dropped with p = {args.p_uncond}")
-    started = time.perf_counter()
     train(args, model, ema, dataset, schedule, config, device, start)
-    print(f"trained in {(time.perf_counter() - started) / 60:.1f} min")
     paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
              visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]
     paths += write_samples(ema.model, schedule, config, args, device)

@@ -102,6 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
                         help="training images (default: the checkpoint's, else mnist or another one found here)")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    data.add_folder_arguments(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=5, help="training passes, without --checkpoint")
     length.add_argument("--max-steps", type=positive_int, default=None, help="stop training after this many steps")
@@ -128,6 +129,10 @@ def parse_args(argv=None):
                              "eta = 0, the deterministic map from noise to image: interpolation.png/.gif and "
                              "interpolation_grid.png")
     args = parser.parse_args(argv)
+    data.check_folder_arguments(parser, args)
+    if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
+        parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
+                     f"(--channel-mults): use a multiple of {2 ** (len(args.channel_mults) - 1)}")
     if args.width % 2:
         parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
                      f"got {args.width}")
@@ -458,15 +463,14 @@ def main(argv=None):
         if args.steps is not None and args.steps > config["timesteps"]:
             raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
                               f"trained with")
-        dataset = data.load_with_fallback(args.dataset or config["dataset"], args.data_dir,
-                                          explicit=True, download=False)
+        data.check_sample_settings(config, args, path)
+        dataset = data.load_checkpoint_data(config, args)
     else:
         start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
-        dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
-                                          candidates=["mnist", "fashion-mnist"])
+        dataset = data.load_training_data(args)
         images = dataset.images.to(device)
         steps_per_epoch = max(1, len(images) // args.batch_size)
-        config = {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[-1],
+        config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],
                   "width": args.width, "channel_mults": list(args.channel_mults), "num_res_blocks": 1,
                   "schedule": args.schedule, "prediction": args.prediction, "steps_per_epoch": steps_per_epoch,
                   "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
@@ -474,12 +478,13 @@ def main(argv=None):
                   "total_steps": args.max_steps or args.epochs * steps_per_epoch}
         if start is not None:  # the same network, schedule, target and data, or the saved state does not fit
             require_same(start["config"], config,
-                         ("dataset", "channels", "image_size", "width", "channel_mults", "schedule", "prediction"),
+                         (*data.data_keys(config), "channels", "image_size", "width", "channel_mults", "schedule",
+                          "prediction"),
                          args.out / "checkpoint.pt")
         model = UNet(config["channels"], args.width, args.channel_mults, 1).to(device)
         ema = EMA(model, EMA_DECAY)
-        train(args, model, ema, images, make_schedule(args.schedule, device, config["timesteps"])["alpha_bars"], config, device,
-              start)
+        alpha_bars = make_schedule(args.schedule, device, config["timesteps"])["alpha_bars"]
+        train(args, model, ema, images, alpha_bars, config, device, start)
         model = ema.model
         print(f"wrote {visualize.save_loss_curve(args.out / 'metrics.csv', args.out / 'loss.png')}")
     alpha_bars = make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]

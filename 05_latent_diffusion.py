@@ -63,6 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
                         help="training images (default: mnist, or another one found here when mnist is not)")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
+    data.add_folder_arguments(parser)
     parser.add_argument("--autoencoder-epochs", type=positive_int, default=2, help="stage 1 passes over the data")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=15, help="stage 2 passes over the data")
@@ -105,6 +106,10 @@ def parse_args(argv=None):
                         help="also walk between latent starting noises (slerp and lerp), decoded by latent DDIM at "
                              "--steps with eta = 0 and the decoder: interpolation.png/.gif and interpolation_grid.png")
     args = parser.parse_args(argv)
+    data.check_folder_arguments(parser, args)
+    if args.image_size is not None and args.image_size % 4:
+        parser.error(f"--image-size must be a multiple of 4 (the autoencoder halves it twice: f = 4), "
+                     f"got {args.image_size}")
     if args.eta > 1:
         parser.error(f"--eta must be at most 1, got {args.eta:g}: above 1 DDIM's sigma (Eq. 16) exceeds "
                      f"sqrt(1 - alpha_bar_prev), and Eq. 12's direction term would need the root of a negative number")
@@ -501,7 +506,8 @@ def write_interpolation(model, autoencoder, scale, config, args, device):
 
 # --- main ---
 
-AUTOENCODER_KEYS = ("dataset", "channels", "image_size", "autoencoder_width", "latent_channels", "kl_weight")
+AUTOENCODER_KEYS = ("dataset", "image_folder", "classes", "channels", "image_size", "autoencoder_width",
+                    "latent_channels", "kl_weight")
 
 
 def make_config(args, dataset):
@@ -511,7 +517,7 @@ def make_config(args, dataset):
         raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}")
     if images.shape[-1] % 4:
         raise LessonError(f"{dataset.name} images are {images.shape[-1]} pixels wide; f = 4 needs a multiple of 4")
-    return {"dataset": dataset.name, "channels": images.shape[1], "image_size": images.shape[-1],
+    return {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],
             "autoencoder_width": args.autoencoder_width, "latent_channels": args.latent_channels,
             "latent_size": images.shape[-1] // 4, "kl_weight": args.kl_weight, "width": args.width,
             "timesteps": args.timesteps or T,
@@ -529,7 +535,7 @@ def stage_one(args, images, config, device):
         raise LessonError(f"--stage diffusion needs a trained autoencoder at {path}; run --stage autoencoder first")
     if saved is not None:
         for key in AUTOENCODER_KEYS:
-            if saved["config"][key] != config[key]:
+            if key in config and saved["config"].get(key, config[key]) != config[key]:  # older: no classes
                 raise LessonError(f"{path} was trained with {key}={saved['config'][key]}, this run has "
                                   f"{key}={config[key]}; use another --out, or delete it to train a new one")
         finished = saved["step"] >= saved["config"]["autoencoder_steps"]
@@ -550,7 +556,8 @@ def stage_two(args, autoencoder, latents, scale, config, device):
     start = load_checkpoint(path, LESSON) if args.resume and (path.is_file() or args.stage == "diffusion") else None
     if start is not None:
         config["timesteps"] = saved_timesteps(start["config"], args.timesteps, path)
-        require_same(start["config"], config, ("dataset", "latent_channels", "autoencoder_width", "width"), path)
+        require_same(start["config"], config, (*data.data_keys(config), "latent_channels", "autoencoder_width", "width"),
+                     path)
         scale = start["config"]["scale"]  # the scale the model was trained with, not a new measurement
     return train_diffusion(args, latents, scale, autoencoder, config, device, start), scale
 
@@ -569,6 +576,8 @@ def load_for_sampling(path, device, timesteps=None):
 
 def shown_images(dataset_name, data_dir, fallback):
     """SHOWN_IMAGES test images for the autoencoder figures (never trained on), else training images."""
+    if dataset_name not in data.DATASETS:  # an image folder has no test split
+        return fallback[:SHOWN_IMAGES], "training"
     try:
         return data.load_dataset(dataset_name, data_dir, "test", download=False).images[:SHOWN_IMAGES], "test"
     except data.DataUnavailable:
@@ -583,6 +592,7 @@ def main(argv=None):
     if args.sample_only:
         path = args.checkpoint or args.out / "checkpoint.pt"
         model, autoencoder, scale, config = load_for_sampling(path, device, args.timesteps)
+        data.check_sample_settings(config, args, path)
         if args.steps is not None and args.steps > config["timesteps"]:
             raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
                               f"trained with")
@@ -593,8 +603,7 @@ def main(argv=None):
         for path in paths:
             print(f"wrote {path}")
         return
-    dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
-                                      candidates=["mnist", "fashion-mnist"])
+    dataset = data.load_training_data(args)
     config = make_config(args, dataset)
     images = dataset.images.to(device)
     if args.resume and not any((args.out / name).is_file() for name in ("autoencoder.pt", "checkpoint.pt")):

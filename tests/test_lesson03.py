@@ -148,15 +148,15 @@ def test_training_lowers_the_loss(lesson03):
 
 def test_sample_labels_give_one_row_per_class(lesson03):
     args = lesson03.parse_args(["--num-samples", "60"])
-    assert lesson03.sample_labels(args, "cpu").tolist() == [c for c in range(10) for _ in range(6)]
+    assert lesson03.sample_labels(args, 10, "cpu").tolist() == [c for c in range(10) for _ in range(6)]
     args = lesson03.parse_args(["--num-samples", "5", "--class-label", "7"])
-    assert lesson03.sample_labels(args, "cpu").tolist() == [7] * 5
+    assert lesson03.sample_labels(args, 10, "cpu").tolist() == [7] * 5
 
 
 @pytest.mark.parametrize("count", [1, 5, 9, 10, 11, 21, 59, 64, 99, 1000])
 def test_num_samples_are_split_evenly_over_the_classes(lesson03, count):
     """--help promises "split evenly over the classes": each class gets floor(N/10) or ceil(N/10), in order."""
-    labels = lesson03.sample_labels(lesson03.parse_args(["--num-samples", str(count)]), "cpu").tolist()
+    labels = lesson03.sample_labels(lesson03.parse_args(["--num-samples", str(count)]), 10, "cpu").tolist()
     counts = [labels.count(c) for c in range(10)]
     assert len(labels) == count and labels == sorted(labels)
     assert set(counts) <= {count // 10, -(-count // 10)}, counts

@@ -11,14 +11,17 @@ is faster than a DataLoader on a CPU, so the lessons batch by indexing.
 """
 import contextlib
 import gzip
+import hashlib
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from utils.runtime import LessonError
+from utils.runtime import LessonError, positive_int
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Dataset:
     images: torch.Tensor  # N x C x H x W, float32 in [-1, 1]
     labels: torch.Tensor  # N, int64
     source: str
+    classes: tuple = ()  # the class names, label i is classes[i]; () when unlabelled (a flat image folder)
 
 
 def read_idx(path):
@@ -130,7 +134,7 @@ def _download(name, data_dir):
 
 def _to_tensor(name, images, labels, source):
     scaled = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div_(127.5).sub_(1.0)
-    return Dataset(name, scaled, torch.from_numpy(np.array(labels, dtype=np.int64)), source)
+    return Dataset(name, scaled, torch.from_numpy(np.array(labels, dtype=np.int64)), source, DATASETS[name].classes)
 
 
 def find_local(name, data_dir="data"):
@@ -197,3 +201,204 @@ def load_with_fallback(name, data_dir, explicit, download=True, candidates=None)
             return dataset
         others = [other for other in candidates or DATASETS if other != name]
         raise DataUnavailable(name, first_error.tried + [f"no other dataset found either ({', '.join(others)})"])
+
+
+# --- a folder of the learner's own pictures ---
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")  # others are not images: ignored
+FOLDER_DATASET = "image-folder"  # the dataset name that checkpoints record for --image-folder
+FOLDER_IMAGE_SIZE = 32  # default --image-size: lesson 02's CPU minutes stay minutes (a 64-pixel side costs ~4x)
+FOLDER_CACHE = "image-folder-cache"  # under --data-dir: decoded images, never written into the user's folder
+SKIPPED_SHOWN = 3  # names of unreadable files printed
+
+
+def folder_files(folder):
+    """(files, class names) of an image folder: with subfolders, each subfolder holding images is a class (its
+    images found at any depth below it) and images directly in `folder` are ignored (a note says how many);
+    without, every image in `folder` is unlabelled (class names ()). Files are sorted; names are relative."""
+    folder = Path(folder)
+    top = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    classes, files = [], []
+    for sub in sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")):
+        inside = sorted(path for path in sub.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+        if inside:
+            files += [(path, len(classes)) for path in inside]
+            classes.append(sub.name)
+    if not classes:
+        return [(path, 0) for path in top], ()
+    if top:
+        print(f"note: {len(top)} image(s) directly in {folder} are in no class subfolder and are not used")
+    return files, tuple(classes)
+
+
+def _fingerprint(files, size, channels):
+    """Names, byte sizes and modification times of the files, with the settings: any change gives a new value."""
+    digest = hashlib.sha256(f"{size} {channels}".encode())
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
+    return digest.hexdigest()
+
+
+def _decode(path, channels):
+    """One image file -> uint8 [C, H, W] with C = 1 or 3 (transparent pixels put on white), or None if unreadable."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        image = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
+    except (RuntimeError, ValueError, OSError):
+        return None
+    if image.dim() == 4:  # an animated GIF: its first frame
+        image = image[0]
+    if image.shape[0] in (2, 4):  # with an alpha channel: composite over white, as a viewer shows it
+        color, alpha = image[:-1].float(), image[-1:].float() / 255
+        image = (color * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+    if channels == 3 and image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    if channels == 1 and image.shape[0] == 3:  # ITU-R 601 luma, as PIL's convert("L")
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        image = (image.float() * weights).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    return image
+
+
+def _resize(image, size):
+    """uint8 [C, H, W] -> [C, size, size]: the shorter side scaled to `size` (antialiased), then the centre cut."""
+    from torchvision.transforms.v2 import functional
+
+    return functional.center_crop(functional.resize(image, [size], antialias=True), [size, size])
+
+
+def load_image_folder(folder, size=FOLDER_IMAGE_SIZE, channels=None, cache_root="data"):
+    """A folder of PNG, JPEG, GIF, WebP or BMP images (any sizes) as a Dataset: each image resized and centre-
+    cropped to size x size, scaled to [-1, 1]; labels from class subfolders (folder_files). channels: 1 or 3, or
+    None to take them from the images (3 if any image has colour). The decoded tensor is cached under
+    cache_root/image-folder-cache, keyed by the folder, and rebuilt whenever a file or a setting changes.
+    Raises LessonError for a missing folder, or one without a readable image."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise LessonError(f"--image-folder {folder} is not a folder")
+    files, classes = folder_files(folder)
+    if not files:
+        raise LessonError(f"--image-folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    cache = (Path(cache_root) / FOLDER_CACHE / f"{key}-{size}-{channels or 'auto'}.pt").resolve()
+    if cache.is_relative_to(folder):
+        raise LessonError(f"the cache {cache} would be written into --image-folder {folder}; pass another --data-dir")
+    fingerprint = _fingerprint(files, size, channels)
+    if cache.is_file():
+        try:
+            saved = torch.load(cache, weights_only=True)
+        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
+            saved = None
+        if saved is not None and saved.get("fingerprint") == fingerprint:
+            print(f"{folder}: {len(saved['images'])} images read from the cache {cache} (the files are unchanged)")
+            _say_skipped(saved["skipped"], len(files), folder)
+            return _folder_dataset(folder, saved["images"], saved["labels"], tuple(saved["classes"]))
+    decoded, labels, skipped, started = [], [], [], time.perf_counter()
+    for path, label in tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False):
+        image = _decode(path, 3)  # decoded in colour first; reduced below when no image has any
+        if image is None:
+            skipped.append(path.relative_to(folder))
+            continue
+        decoded.append(_resize(image, size))
+        labels.append(label)
+    if not decoded:
+        raise LessonError(f"--image-folder {folder}: none of its {len(files)} image files could be read")
+    skipped = [str(name) for name in skipped]
+    _say_skipped(skipped, len(files), folder)
+    images = torch.stack(decoded)
+    colourful = bool((images.amax(1) - images.amin(1)).gt(2).any())  # any pixel whose R, G and B differ
+    channels = channels or (3 if colourful else 1)
+    if channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    labels = torch.tensor(labels, dtype=torch.int64)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache.with_suffix(".tmp")
+    torch.save({"fingerprint": fingerprint, "images": images, "labels": labels, "classes": list(classes),
+                "skipped": skipped}, temporary)
+    temporary.replace(cache)
+    print(f"{folder}: decoded {len(images)} images to {channels} x {size} x {size} in {time.perf_counter() - started:.1f} s; "
+          f"cached in {cache}")
+    return _folder_dataset(folder, images, labels, classes)
+
+
+def _say_skipped(skipped, count, folder):
+    if skipped:
+        print(f"note: skipped {len(skipped)} unreadable file(s) of {count} in {folder}: "
+              f"{', '.join(skipped[:SKIPPED_SHOWN])}{', ...' if len(skipped) > SKIPPED_SHOWN else ''}")
+
+
+def _folder_dataset(folder, images, labels, classes):
+    return Dataset(FOLDER_DATASET, images.float().div_(127.5).sub_(1.0), labels, str(folder), classes)
+
+
+def add_folder_arguments(parser):
+    """--image-folder, --image-size and --channels: the same three flags in every lesson."""
+    parser.add_argument("--image-folder", default=None,
+                        help="train on your own pictures instead of --dataset: a folder of PNG, JPEG, GIF, WebP or BMP "
+                             "files of any size; one subfolder per class gives labels (README: 'Train on your own "
+                             "images')")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help=f"with --image-folder: the side in pixels each image is resized and centre-cropped to "
+                             f"(default {FOLDER_IMAGE_SIZE})")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="with --image-folder: 1 (grayscale) or 3 (RGB); default: RGB when any image has colour")
+
+
+def check_folder_arguments(parser, args):
+    """Parse-time checks of the folder flags, in one line each (exit code 2)."""
+    if args.image_folder is not None and args.dataset is not None:
+        parser.error("--image-folder and --dataset cannot be used together: the folder is the dataset")
+    if args.image_folder is None and (args.image_size is not None or args.channels is not None):
+        parser.error("--image-size and --channels apply to --image-folder only")
+
+
+def load_training_data(args, candidates=("mnist", "fashion-mnist")):
+    """The training set a lesson's flags ask for: --image-folder, else --dataset (default mnist, or another of
+    `candidates` found here when mnist is not; load_with_fallback)."""
+    if args.image_folder is not None:
+        return load_image_folder(args.image_folder, args.image_size or FOLDER_IMAGE_SIZE, args.channels, args.data_dir)
+    return load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
+                              candidates=list(candidates))
+
+
+def data_config(dataset):
+    """What a checkpoint records of its training data (besides channels and image_size, which every lesson keeps):
+    the dataset's name and class names, and for an image folder its path."""
+    config = {"dataset": dataset.name, "classes": list(dataset.classes)}
+    if dataset.name == FOLDER_DATASET:
+        config["image_folder"] = dataset.source
+    return config
+
+
+def data_keys(config):
+    """The config keys that --resume must find unchanged: the dataset, and for an image folder its classes."""
+    return ("dataset", "classes") if config.get("dataset") == FOLDER_DATASET else ("dataset",)
+
+
+def check_sample_settings(config, args, path):
+    """--sample-only (or a given --checkpoint): refuse, in one line, data flags that differ from what the
+    checkpoint was trained on. Flags left out are taken from the checkpoint."""
+    trained_on = config.get("dataset")
+    if args.dataset is not None and args.dataset != trained_on:
+        raise LessonError(f"{path} was trained on {trained_on}, not {args.dataset}")
+    if args.image_folder is None:
+        return
+    if trained_on != FOLDER_DATASET:
+        raise LessonError(f"{path} was trained on {trained_on}, not on an image folder")
+    for key, value in (("image_size", args.image_size), ("channels", args.channels)):
+        if value is not None and value != config[key]:
+            raise LessonError(f"{path} was trained with {key}={config[key]}, this run asks for {key}={value}")
+    folder = Path(args.image_folder).expanduser()
+    classes = list(folder_files(folder)[1]) if folder.is_dir() else None
+    if classes is not None and classes != config.get("classes", []):
+        raise LessonError(f"{path} was trained on the classes {config.get('classes')}, {folder} has {classes}")
+
+
+def load_checkpoint_data(config, args):
+    """The training data of a checkpoint (its image folder with the same settings, or its dataset, not
+    downloaded), for figures that show real images next to generated ones."""
+    if config.get("dataset") == FOLDER_DATASET:
+        return load_image_folder(config["image_folder"], config["image_size"], config["channels"], args.data_dir)
+    return load_with_fallback(config["dataset"], args.data_dir, explicit=True, download=False)
