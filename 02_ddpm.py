@@ -583,10 +583,10 @@ def setup_processes(device_name):
     return rank, world_size, device
 
 
-def load_training_data(args, rank, world_size):
+def load_training_data(args, rank, world_size, saved=None):
     """Rank 0 finds the dataset (maybe downloading it); the other processes then load the same one."""
     if rank == 0:
-        dataset = data.load_training_data(args)
+        dataset = data.load_training_data(args, saved)
     if world_size > 1:
         chosen = [dataset.name if rank == 0 else None]
         dist.broadcast_object_list(chosen, src=0)
@@ -624,7 +624,7 @@ def train_and_sample(args, rank, world_size, device):
                 print(f"wrote {path}")
         return
     start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
-    dataset = load_training_data(args, rank, world_size)
+    dataset = load_training_data(args, rank, world_size, start and start["config"])
     images = dataset.images.to(device)
     size = images.shape[-1]
     if size % 2 ** (len(args.channel_mults) - 1):

@@ -442,7 +442,7 @@ def main(argv=None):
             print(f"wrote {path}")
         return
     start = with_current_names(load_checkpoint(args.out / "checkpoint.pt", LESSON)) if args.resume else None
-    dataset = data.load_training_data(args)
+    dataset = data.load_training_data(args, start and start["config"])
     if not dataset.classes:
         raise LessonError(f"lesson 03 learns classes, and --image-folder {dataset.source} has none: put each class's "
                           f"images in a subfolder named after it")

@@ -467,7 +467,7 @@ def main(argv=None):
         dataset = data.load_checkpoint_data(config, args)
     else:
         start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
-        dataset = data.load_training_data(args)
+        dataset = data.load_training_data(args, start and start["config"])
         images = dataset.images.to(device)
         steps_per_epoch = max(1, len(images) // args.batch_size)
         config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],

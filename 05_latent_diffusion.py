@@ -603,7 +603,9 @@ def main(argv=None):
         for path in paths:
             print(f"wrote {path}")
         return
-    dataset = data.load_training_data(args)
+    saved = args.out / "autoencoder.pt"  # --resume: its image size and channels are checked before reading a folder
+    saved = load_checkpoint(saved, AUTOENCODER_LESSON)["config"] if args.resume and saved.is_file() else None
+    dataset = data.load_training_data(args, saved)
     config = make_config(args, dataset)
     images = dataset.images.to(device)
     if args.resume and not any((args.out / name).is_file() for name in ("autoencoder.pt", "checkpoint.pt")):

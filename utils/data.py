@@ -241,24 +241,21 @@ def _fingerprint(files, size, channels):
 
 
 def _decode(path, channels):
-    """One image file -> uint8 [C, H, W] with C = 1 or 3 (transparent pixels put on white), or None if unreadable."""
-    from torchvision.io import ImageReadMode, decode_image
+    """One image file -> uint8 [C, H, W] with C = 1 or 3 (transparent pixels put on white, as a viewer shows
+    them; an animated GIF's first frame), or None if Pillow cannot read it. Pillow is what torchvision's
+    ImageFolder reads with."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
-        image = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError, OSError):
+        with Image.open(path) as opened:
+            opened.seek(0)
+            picture = opened.convert("RGBA")  # every mode (palette, 16-bit, CMYK, ...) to 8-bit RGBA
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
-    if image.dim() == 4:  # an animated GIF: its first frame
-        image = image[0]
-    if image.shape[0] in (2, 4):  # with an alpha channel: composite over white, as a viewer shows it
-        color, alpha = image[:-1].float(), image[-1:].float() / 255
-        image = (color * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
-    if channels == 3 and image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    if channels == 1 and image.shape[0] == 3:  # ITU-R 601 luma, as PIL's convert("L")
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-        image = (image.float() * weights).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    return image
+    white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+    picture = Image.alpha_composite(white, picture).convert("RGB" if channels == 3 else "L")
+    return pil_to_tensor(picture)
 
 
 def _resize(image, size):
@@ -354,10 +351,15 @@ def check_folder_arguments(parser, args):
         parser.error("--image-size and --channels apply to --image-folder only")
 
 
-def load_training_data(args, candidates=("mnist", "fashion-mnist")):
+def load_training_data(args, saved=None, candidates=("mnist", "fashion-mnist")):
     """The training set a lesson's flags ask for: --image-folder, else --dataset (default mnist, or another of
-    `candidates` found here when mnist is not; load_with_fallback)."""
+    `candidates` found here when mnist is not; load_with_fallback). `saved`: the config of the checkpoint that
+    --resume continues; an image size or channel count other than its own is refused before any file is read."""
     if args.image_folder is not None:
+        for key, value in (("image_size", args.image_size or FOLDER_IMAGE_SIZE), ("channels", args.channels)):
+            if saved is not None and value is not None and saved.get(key) != value:
+                raise LessonError(f"the checkpoint to resume was trained with {key}={saved.get(key)}, this run has "
+                                  f"{key}={value}")
         return load_image_folder(args.image_folder, args.image_size or FOLDER_IMAGE_SIZE, args.channels, args.data_dir)
     return load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
                               candidates=list(candidates))
