@@ -26,7 +26,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one folder up
 
-from utils import metrics, visualize  # noqa: E402
+from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
     SAMPLE_BATCH_SIZE, ArgumentParser, LessonError, pick_device, positive_int, run, saved_timesteps, writable_dir,
 )
@@ -165,6 +165,10 @@ def main(argv=None):
                           f"{args.checkpoint} was trained with")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_metrics:
+        if config["dataset"] not in data.DATASETS:
+            raise LessonError(f"{args.checkpoint} was trained on an image folder, which utils.metrics cannot score "
+                              f"(it knows {', '.join(data.DATASETS)}); pass --no-metrics to compare the samplers' "
+                              f"time and pictures")
         # Load (or train) the classifier first: a missing dataset should stop us before the long sampling.
         metrics.load_classifier(config["dataset"], args.data_dir, device=device)
     shape = (args.num_samples, config["channels"], config["image_size"], config["image_size"])

@@ -197,3 +197,24 @@ def test_lesson03_conditions_on_the_subfolders_and_shows_their_names(tmp_path, c
                             tmp_path / "data", "--out", tmp_path / "o", "--max-steps", "1", capsys=capsys)
     assert result.returncode == 1 and "lesson 03 learns classes" in result.stderr
     assert len(shown_lines(result.stderr)) == 1, result.stderr
+
+
+def test_compare_methods_times_a_folder_checkpoint_and_refuses_to_score_it(tmp_path, capsys):
+    """utils.metrics knows only the built-in datasets: on an image-folder checkpoint compare_methods says so in one
+    line before sampling, and with --no-metrics it times and draws the samplers."""
+    folder = write_folder(tmp_path / "pictures")
+    out = tmp_path / "l02"
+    lesson("02").main(["--image-folder", str(folder), "--image-size", "8", "--data-dir", str(tmp_path / "data"),
+                       "--out", str(out), "--max-steps", "2", *LESSONS["02"][1]])
+    compare = load_lesson("examples/compare_methods.py")
+    common = ["--checkpoint", out / "checkpoint.pt", "--steps", "2", "--num-samples", "2", "--ddpm-samples", "2",
+              "--out", tmp_path / "compare"]
+    refused = run_in_process(compare.main, "compare_methods.py", *common, capsys=capsys)
+    assert refused.returncode == 1 and "pass --no-metrics" in refused.stderr
+    assert len(shown_lines(refused.stderr)) == 1 and not (tmp_path / "compare" / "compare.csv").exists()
+    timed = run_in_process(compare.main, "compare_methods.py", *common, "--no-metrics", capsys=capsys)
+    assert timed.returncode == 0, timed.stderr
+    assert (tmp_path / "compare" / "compare.png").stat().st_size > 0
+    from utils import metrics
+    with pytest.raises(data.LessonError, match="scores only"):
+        metrics.evaluate(np.zeros((2, 8, 8, 3), dtype=np.uint8), data.FOLDER_DATASET)

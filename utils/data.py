@@ -258,6 +258,27 @@ def _decode(path, channels):
     return pil_to_tensor(picture)
 
 
+def _with_channels(images, channels):
+    """uint8 RGB [N, 3, H, W] -> [N, channels, H, W]: one channel is the ITU-R 601 luma, as Pillow's "L" mode."""
+    if channels == 3:
+        return images
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def read_image(path, size, channels):
+    """One picture file read as an image folder's are (any size, resized and centre-cropped, transparency on
+    white): float32 [channels, size, size] in [-1, 1]. Raises LessonError, in one line, for a missing or
+    unreadable file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LessonError(f"{path} is not a file")
+    image = _decode(path, 3)
+    if image is None:
+        raise LessonError(f"{path} cannot be read as an image (PNG, JPEG, GIF, WebP or BMP)")
+    return _with_channels(_resize(image, size)[None], channels)[0].float().div(127.5).sub(1.0)
+
+
 def _resize(image, size):
     """uint8 [C, H, W] -> [C, size, size]: the shorter side scaled to `size` (antialiased), then the centre cut."""
     from torchvision.transforms.v2 import functional
@@ -306,9 +327,7 @@ def load_image_folder(folder, size=FOLDER_IMAGE_SIZE, channels=None, cache_root=
     images = torch.stack(decoded)
     colourful = bool((images.amax(1) - images.amin(1)).gt(2).any())  # any pixel whose R, G and B differ
     channels = channels or (3 if colourful else 1)
-    if channels == 1:
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    images = _with_channels(images, channels)
     labels = torch.tensor(labels, dtype=torch.int64)
     cache.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache.with_suffix(".tmp")

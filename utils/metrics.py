@@ -121,8 +121,17 @@ def train_classifier(dataset, data_dir, device):
     return model, accuracy, time.perf_counter() - started
 
 
+def require_built_in(dataset):
+    """Raise LessonError in one line unless `dataset` is one the metrics can score: its classifier learns the
+    built-in datasets' labels and is tested on their test splits, which an image folder does not have."""
+    if dataset not in data.DATASETS:
+        raise LessonError(f"utils.metrics scores only {', '.join(data.DATASETS)} (its feature network is a classifier "
+                          f"trained on their labels and test splits); this model was trained on {dataset}")
+
+
 def load_classifier(dataset, data_dir="data", cache_dir=CACHE_DIR, device="cpu"):
     """The cached classifier of `dataset`, trained and cached first when absent: (model, test accuracy)."""
+    require_built_in(dataset)
     device = torch.device(device)
     path = Path(cache_dir) / f"classifier-{dataset}.pt"
     info = data.DATASETS[dataset]
@@ -206,6 +215,7 @@ def evaluate(images, dataset, labels=None, data_dir="data", cache_dir=CACHE_DIR,
 
     fd: samples vs the test split; fd_real_floor: as many random training images vs the test split.
     """
+    require_built_in(dataset)
     info = data.DATASETS[dataset]
     images = as_images(images, info.channels, info.size)
     if len(images) < 2:
