@@ -43,8 +43,8 @@ ARCHITECTURE_KEYS = ("width", "channels", "image_size")
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Lesson 01: train a toy DDPM, then sample from it.")
-    parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
-                        help="training images (default: mnist, or another one found here when mnist is not)")
+    parser.add_argument("--dataset", type=data.dataset_or_folder, default=None,
+                        help=data.DATASET_HELP + "; default: mnist, or another one found here when mnist is not")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
     data.add_folder_arguments(parser)
     length = parser.add_mutually_exclusive_group()

@@ -37,7 +37,7 @@ LESSON = "03_conditional_ddpm"
 T = 1000  # number of diffusion steps (the default of --timesteps)
 COSINE_OFFSET = 0.008  # Improved DDPM Section 3.2: s
 MAX_BETA = 0.999  # Improved DDPM Section 3.2: betas clipped at 0.999
-NUM_CLASSES = 10  # every built-in dataset has ten classes; an --image-folder has one per subfolder
+NUM_CLASSES = 10  # every built-in dataset has ten classes; a folder of pictures has one per subfolder
 ATTENTION_LEVEL = 1  # self-attention at the second resolution (14x14 for MNIST, 16x16 for CIFAR-10)
 EMA_WARMUP = 10  # EMA decay rises as (1 + step) / (10 + step) towards --ema-decay
 GUIDANCE_WEIGHT = 2.0  # w of samples.png: clear classes, still varied (README, "Lesson 03": the sweep)
@@ -63,8 +63,8 @@ def channel_mults(text):
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Lesson 03: train a class-conditional DDPM, then sample with guidance.")
-    parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
-                        help="training images (default: mnist, or another one found here when mnist is not)")
+    parser.add_argument("--dataset", type=data.dataset_or_folder, default=None,
+                        help=data.DATASET_HELP + "; default: mnist, or another one found here when mnist is not")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
     data.add_folder_arguments(parser)
     length = parser.add_mutually_exclusive_group()
@@ -119,7 +119,7 @@ def parse_args(argv=None):
         parser.error("--resume and --sample-only cannot be used together")
     # The number of classes is known here for a built-in dataset; an image folder's or a checkpoint's is checked
     # once it is read.
-    built_in = args.image_folder is None and not args.sample_only
+    built_in = args.image_folder is None and not args.sample_only  # (check_folder_arguments set image_folder)
     if args.class_label is not None and (args.class_label < 0 or built_in and args.class_label >= NUM_CLASSES):
         parser.error(f"--class-label must be between 0 and {NUM_CLASSES - 1}, got {args.class_label}")
     if args.guidance_scale is not None and args.guidance_scale < 1.0:
@@ -444,7 +444,7 @@ def main(argv=None):
     start = with_current_names(load_checkpoint(args.out / "checkpoint.pt", LESSON)) if args.resume else None
     dataset = data.load_training_data(args, start and start["config"])
     if not dataset.classes:
-        raise LessonError(f"lesson 03 learns classes, and --image-folder {dataset.source} has none: put each class's "
+        raise LessonError(f"lesson 03 learns classes, and the folder {dataset.source} has none: put each class's "
                           f"images in a subfolder named after it")
     if args.class_label is not None and args.class_label >= len(dataset.classes):
         raise LessonError(f"--class-label must be between 0 and {len(dataset.classes) - 1}, got {args.class_label}")

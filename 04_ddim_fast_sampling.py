@@ -99,8 +99,8 @@ def parse_args(argv=None):
                         help="clip the predicted x0 to [-1, 1] in each step. Default: on for eps-prediction "
                              "checkpoints (x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) blows up near "
                              "t = T), off for v-prediction (nothing to blow up; clipping only bends the path)")
-    parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
-                        help="training images (default: the checkpoint's, else mnist or another one found here)")
+    parser.add_argument("--dataset", type=data.dataset_or_folder, default=None,
+                        help=data.DATASET_HELP + "; default: the checkpoint's, else mnist or another one found here")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
     data.add_folder_arguments(parser)
     length = parser.add_mutually_exclusive_group()

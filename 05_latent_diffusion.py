@@ -60,8 +60,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Lesson 05: an autoencoder, then diffusion in its latent space.")
     parser.add_argument("--stage", choices=["autoencoder", "diffusion", "all"], default="all",
                         help="train the autoencoder, the latent diffusion model (reusing OUT/autoencoder.pt), or both")
-    parser.add_argument("--dataset", choices=list(data.DATASETS), default=None,
-                        help="training images (default: mnist, or another one found here when mnist is not)")
+    parser.add_argument("--dataset", type=data.dataset_or_folder, default=None,
+                        help=data.DATASET_HELP + "; default: mnist, or another one found here when mnist is not")
     parser.add_argument("--data-dir", default="data", help="folder holding datasets in torchvision's layout")
     data.add_folder_arguments(parser)
     parser.add_argument("--autoencoder-epochs", type=positive_int, default=2, help="stage 1 passes over the data")

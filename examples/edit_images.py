@@ -18,7 +18,7 @@ lesson 02 or 04 checkpoints (eps or v), and lesson 03's classifier-free guidance
     Algorithm 1 with jumps of one step), which lets the filled part agree with the kept part.
   - Class translation: SDEdit with lesson 03's guided prediction towards --class-label.
 Left out: lesson 05's latent space (the same edits would run on its latents).
-The input is an image file (resized and converted like an --image-folder's images) or --test-index, an image of
+The input is an image file (resized and converted like a folder dataset's pictures) or --test-index, an image of
 the checkpoint's dataset (its test split; for an image folder, its images). Writes to --out (default
 outputs/edit_images/): sdedit.png and sdedit.csv, inpaint.png, or translate.png.
 """
@@ -253,20 +253,22 @@ def parse_args(argv=None):
         source.add_argument("--test-index", type=int, default=0, help="else this image of the checkpoint's dataset")
         command.add_argument("--steps", type=positive_int, default=50,
                              help="DDIM steps over the whole schedule (an edit from t0 takes about strength x these)")
-        command.add_argument("--eta", type=non_negative_float, default=1.0 if name == "inpaint" else 0.0,
-                             help="DDIM's eta in [0, 1] (lesson 04); RePaint samples with DDPM's noise, eta = 1")
+        command.add_argument("--eta", type=non_negative_float, default=0.0 if name == "sdedit" else 1.0,
+                             help="DDIM's eta in [0, 1] (lesson 04); RePaint samples with DDPM's noise, eta = 1, and "
+                                  "lesson 03's eps-prediction checkpoints draw cleaner images with it")
         command.add_argument("--count", type=positive_int, default=SHOWN, help="results per setting (noises)")
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--data-dir", default="data", help="where the checkpoint's dataset is (--test-index)")
         command.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
         command.add_argument("--out", type=writable_dir, default=Path("outputs/edit_images"), help="output folder")
         if name in ("sdedit", "translate"):
-            command.add_argument("--strength", type=strengths, default=STRENGTHS if name == "sdedit" else (0.6, 0.8),
+            command.add_argument("--strength", type=strengths, default=STRENGTHS if name == "sdedit" else (0.5, 0.7, 0.9),
                                  help="t0 / T for each column: 0 keeps the input, 1 is pure sampling")
-        if name == "sdedit":
+        if name in ("sdedit", "translate"):
             command.add_argument("--measure", type=positive_int, default=None,
-                                 help="also edit this many dataset images at each strength and score them "
-                                      "(distance to the input, and utils.metrics' FD)")
+                                 help="also edit this many test images at each setting and score them with utils.metrics "
+                                      "(sdedit: distance to the input and FD; translate: how many the classifier "
+                                      "calls the target class)")
         if name == "inpaint":
             command.add_argument("--mask", choices=["box", "left", "strokes"], default="box",
                                  help="which pixels to fill")
@@ -374,10 +376,46 @@ def write_translate(make_denoiser, alpha_bars, config, args, device):
                                           for j, strength in enumerate(args.strength)]))
     print(f"translated towards {names[args.class_label]!r}: {len(weights) * len(args.strength)} images in "
           f"{time.perf_counter() - started:.1f} s")
-    return [visualize.save_labeled_grid(torch.cat(rows), [f"w = {w:g}" for w in weights],
-                                        [name, *[f"strength {s:g}" for s in args.strength]],
-                                        args.out / "translate.png", row_title=f"towards {names[args.class_label]}",
-                                        column_title="input, then strength")]
+    paths = [visualize.save_labeled_grid(torch.cat(rows), [f"w = {w:g}" for w in weights],
+                                         [name, *[f"strength {s:g}" for s in args.strength]],
+                                         args.out / "translate.png", row_title=f"towards {names[args.class_label]}",
+                                         column_title="input, then strength")]
+    if args.measure:
+        paths.append(measure_translate(make_denoiser, alpha_bars, config, args, device, weights))
+    return paths
+
+
+def measure_translate(make_denoiser, alpha_bars, config, args, device, weights):
+    """Translate the first --measure test images of other classes at each (w, strength), and count how many
+    utils.metrics' classifier assigns to the target class. -> translate.csv."""
+    if config["dataset"] not in data.DATASETS:
+        raise LessonError("--measure classifies with utils.metrics, which knows only the built-in datasets")
+    dataset = data.load_dataset(config["dataset"], args.data_dir, "test", download=False)
+    inputs = dataset.images[dataset.labels != args.class_label][:args.measure]
+    classifier, _ = metrics.load_classifier(config["dataset"], args.data_dir, device=device)
+    noise = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(args.seed + 1))
+    labels = torch.full((1,), args.class_label, device=device)
+    rows = [{"guidance_weight": "input", "strength": 0, "images": len(inputs),
+             "share_of_target_class": round((metrics.predict(classifier, inputs, device)[1] == args.class_label)
+                                            .float().mean().item(), 4)}]
+    for w in weights:
+        for strength in args.strength:
+            started = time.perf_counter()
+            edited = torch.cat([sdedit(make_denoiser(labels, w), alpha_bars, inputs[i:i + 100].to(device), strength,
+                                       args.steps, args.eta, noise[i:i + 100].to(device)).cpu()
+                                for i in range(0, len(inputs), 100)])
+            predicted = metrics.predict(classifier, edited, device)[1]
+            rows.append({"guidance_weight": w, "strength": strength, "images": len(inputs),
+                         "share_of_target_class": round((predicted == args.class_label).float().mean().item(), 4),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(", ".join(f"{key} {value}" for key, value in rows[-1].items()))
+    path = args.out / "translate.csv"
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["guidance_weight", "strength", "images", "share_of_target_class",
+                                                  "seconds"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def main(argv=None):

@@ -25,12 +25,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import load_lesson, write_mnist_like  # noqa: E402
+from test_image_folder import write_folder  # noqa: E402
 from utils import data  # noqa: E402
 from utils.runtime import run  # noqa: E402
 
 COMMON = {"--width": ["2", "4", "6", "8", "10", "12", "16", "24"], "--batch-size": ["1", "2", "16", "300"],
           "--num-samples": ["1", "3", "11"], "--seed": ["0", "7"], "--timesteps": ["2", "21", "25", "60"],
-          "--sample-batch-size": ["1", "2", "64"]}
+          "--sample-batch-size": ["1", "2", "64"], "--dataset": ["FOLDER", "FLAT"], "--image-size": ["8", "12", "16", "30"],
+          "--channels": ["1", "3"]}
 FLAGS = {
     "01_ddpm_toy.py": {**COMMON, "--width": ["8", "16", "24"], "--lr": ["1e-4", "2e-3"]},
     "02_ddpm.py": {**COMMON, "--channel-mults": ["1,2", "1,2,4", "1,3", "2,2", "1,2,2,2"],
@@ -102,9 +104,13 @@ def main(argv=None):
         write_mnist_like(folder / "data" / "MNIST" / "raw")
         write_mnist_like(folder / "data" / "MNIST" / "raw", count=64, split="test")  # the classifier's test split
         os.chdir(folder)  # compare_methods caches its classifier under ./outputs/metrics: keep it out of the repo
+        write_folder(folder / "pictures")  # --dataset FOLDER: class subfolders of mixed pictures; FLAT: unlabelled
+        write_folder(folder / "flat", classes=())
         for index in range(args.runs):
             lesson = list(FLAGS)[index % len(FLAGS)]
             flags = draw(lesson, rng, args.max_timesteps)
+            places = {"FOLDER": str(folder / "pictures"), "FLAT": str(folder / "flat")}
+            flags = [places.get(flag, flag) for flag in flags]
             argv = ["--data-dir", str(folder / "data"), "--out", str(folder / f"out{index}"), "--max-steps",
                     rng.choice(["1", "2"]), "--device", "cpu", *flags]
             if "--timesteps" not in flags:
@@ -114,7 +120,8 @@ def main(argv=None):
             if code == 0:  # then continue it, and sample from it, with flags drawn afresh
                 out = ["--data-dir", str(folder / "data"), "--out", str(folder / f"out{index}"), "--device", "cpu"]
                 runs += [("resume", [*out, "--resume", "--max-steps", "3", *flags]),
-                         ("sample-only", [*out, "--sample-only", *draw(lesson, rng, args.max_timesteps)])]
+                         ("sample-only", [*out, "--sample-only",
+                                          *[places.get(flag, flag) for flag in draw(lesson, rng, args.max_timesteps)]])]
                 if lesson in ("02_ddpm.py", "04_ddim_fast_sampling.py"):  # scoring trains a classifier: rarely
                     metrics = [] if rng.random() < 0.2 else ["--no-metrics"]
                     runs += [("compare", ["--data-dir", str(folder / "data"), "--out", str(folder / f"compare{index}"),

@@ -1,4 +1,4 @@
-"""--image-folder: a learner's own pictures, in every lesson. The tests make their folders: PNG and JPEG of mixed
+"""A folder of a learner's own pictures as --dataset, in every lesson. The tests make their folders: PNG and JPEG of mixed
 sizes, grayscale and RGB (and RGBA), one corrupt file, one text file, class subfolders or none."""
 import os
 
@@ -135,14 +135,14 @@ def test_bad_folders_are_refused_in_one_line(tmp_path, capsys):
         data.load_image_folder(folder, 16, None, folder / "data")
     module = lesson("02")
     capsys.readouterr()
-    assert_refused(module.parse_args, ["--image-folder", folder, "--dataset", "mnist"], "cannot be used together",
-                   capsys)
-    assert_refused(module.parse_args, ["--image-size", "16"], "apply to --image-folder only", capsys)
-    assert_refused(module.parse_args, ["--image-folder", folder, "--image-size", "18", "--channel-mults", "1,2,4"],
+    assert_refused(module.parse_args, ["--dataset", tmp_path / "nowhere"], "is neither a dataset", capsys)
+    assert_refused(module.parse_args, ["--image-size", "16"], "apply to a folder of pictures", capsys)
+    assert_refused(module.parse_args, ["--dataset", "mnist", "--channels", "3"], "apply to a folder of pictures", capsys)
+    assert_refused(module.parse_args, ["--dataset", folder, "--image-size", "18", "--channel-mults", "1,2,4"],
                    "cannot be halved 2 times", capsys)
-    assert_refused(module.parse_args, ["--image-folder", folder, "--channels", "2"], "invalid choice", capsys)
-    assert_refused(lesson("01").parse_args, ["--image-folder", folder, "--image-size", "30"], "multiple of 4", capsys)
-    assert_refused(lesson("05").parse_args, ["--image-folder", folder, "--image-size", "30"], "multiple of 4", capsys)
+    assert_refused(module.parse_args, ["--dataset", folder, "--channels", "2"], "invalid choice", capsys)
+    assert_refused(lesson("01").parse_args, ["--dataset", folder, "--image-size", "30"], "multiple of 4", capsys)
+    assert_refused(lesson("05").parse_args, ["--dataset", folder, "--image-size", "30"], "multiple of 4", capsys)
 
 
 @pytest.mark.parametrize("key", list(LESSONS))
@@ -153,7 +153,7 @@ def test_every_lesson_trains_on_a_folder_and_samples(key, tmp_path, capsys):
     before = snapshot(folder)
     module, tiny = lesson(key), LESSONS[key][1]
     out = tmp_path / "out"
-    common = ["--image-folder", folder, "--image-size", "16", "--data-dir", tmp_path / "data", "--device", "cpu"]
+    common = ["--dataset", folder, "--image-size", "16", "--data-dir", tmp_path / "data", "--device", "cpu"]
     result = run_in_process(module.main, LESSONS[key][0], "--out", out, "--max-steps", "2", *common, *tiny,
                             capsys=capsys)
     assert result.returncode == 0, result.stderr
@@ -169,7 +169,7 @@ def test_every_lesson_trains_on_a_folder_and_samples(key, tmp_path, capsys):
     sample_only = ["--sample-only", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path / "sampled"]
     if key == "04":
         sample_only += ["--steps", "3"]
-    refused = run_in_process(module.main, LESSONS[key][0], *sample_only, "--image-folder", folder, "--image-size", "8",
+    refused = run_in_process(module.main, LESSONS[key][0], *sample_only, "--dataset", folder, "--image-size", "8",
                              capsys=capsys)
     assert refused.returncode == 1 and "image_size=16, this run asks for image_size=8" in refused.stderr, refused.stderr
     assert snapshot(folder) == before
@@ -184,7 +184,7 @@ def test_lesson03_conditions_on_the_subfolders_and_shows_their_names(tmp_path, c
                         lambda images, rows, columns, *rest, **kw: shown.append(columns) or real(
                             images, rows, columns, *rest, **kw))
     out = tmp_path / "out"
-    module.main(["--image-folder", str(folder), "--image-size", "8", "--data-dir", str(tmp_path / "data"),
+    module.main(["--dataset", str(folder), "--image-size", "8", "--data-dir", str(tmp_path / "data"),
                  "--out", str(out), "--max-steps", "2", *LESSONS["03"][1], "--num-samples", "6"])
     assert np.load(out / "samples.npz")["labels"].tolist() == [0, 0, 1, 1, 2, 2]
     assert shown == [["apples", "pears", "plums"]]
@@ -193,7 +193,7 @@ def test_lesson03_conditions_on_the_subfolders_and_shows_their_names(tmp_path, c
                             out / "checkpoint.pt", "--out", tmp_path / "s", "--class-label", "3", capsys=capsys)
     assert result.returncode == 1 and "--class-label must be between 0 and 2, got 3" in result.stderr
     flat = write_folder(tmp_path / "flat", classes=())
-    result = run_in_process(module.main, "03_conditional_ddpm.py", "--image-folder", flat, "--data-dir",
+    result = run_in_process(module.main, "03_conditional_ddpm.py", "--dataset", flat, "--data-dir",
                             tmp_path / "data", "--out", tmp_path / "o", "--max-steps", "1", capsys=capsys)
     assert result.returncode == 1 and "lesson 03 learns classes" in result.stderr
     assert len(shown_lines(result.stderr)) == 1, result.stderr
@@ -204,7 +204,7 @@ def test_compare_methods_times_a_folder_checkpoint_and_refuses_to_score_it(tmp_p
     line before sampling, and with --no-metrics it times and draws the samplers."""
     folder = write_folder(tmp_path / "pictures")
     out = tmp_path / "l02"
-    lesson("02").main(["--image-folder", str(folder), "--image-size", "8", "--data-dir", str(tmp_path / "data"),
+    lesson("02").main(["--dataset", str(folder), "--image-size", "8", "--data-dir", str(tmp_path / "data"),
                        "--out", str(out), "--max-steps", "2", *LESSONS["02"][1]])
     compare = load_lesson("examples/compare_methods.py")
     common = ["--checkpoint", out / "checkpoint.pt", "--steps", "2", "--num-samples", "2", "--ddpm-samples", "2",

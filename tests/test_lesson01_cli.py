@@ -95,7 +95,7 @@ def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
     (["--lr", "0"], "--lr: must be a finite number above 0"),
     (["--lr", "nan"], "--lr: must be a finite number above 0"),
-    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--dataset", "imagenet"], "'imagenet' is neither a dataset (mnist, fashion-mnist, cifar10) nor a folder"),
     (["--width", "12"], "--width must be a multiple of 8"),
     (["--epochs", "2", "--max-steps", "5"], "not allowed with argument"),
     (["--resume", "--sample-only"], "cannot be used together"),

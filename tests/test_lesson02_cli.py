@@ -201,7 +201,7 @@ def test_lesson01_checkpoint_is_refused(tmp_path, cli):
     (["--width", "9"], "--width must be even (the time embedding pairs a sine and a cosine"),
     (["--ema-decay", "1.0"], "--ema-decay must be in [0, 1)"),
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
-    (["--dataset", "imagenet"], "--dataset: invalid choice"),
+    (["--dataset", "imagenet"], "--dataset: 'imagenet' is neither a dataset"),
     (["--resume", "--sample-only"], "cannot be used together"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, lesson02, capsys):

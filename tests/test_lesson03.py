@@ -234,7 +234,7 @@ def test_resume_gives_exactly_the_weights_of_an_uninterrupted_run(small_data_dir
     (["--guidance-scale", "3", "--guidance-weight", "2"], "not allowed with argument"),
     (["--p-uncond", "1"], "--p-uncond must be in [0, 1)"),
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
-    (["--dataset", "svhn"], "--dataset: invalid choice"),
+    (["--dataset", "svhn"], "--dataset: 'svhn' is neither a dataset"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, lesson03, capsys, tmp_path):
     assert_refused(lesson03.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)

@@ -140,7 +140,7 @@ def test_a_corrupt_data_dir_gives_one_line_naming_the_file_and_writes_nothing(ke
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
     (["--batch-size", "-3"], "--batch-size: must be at least 1"),
     (["--max-steps", "0"], "--max-steps: must be at least 1"),
-    (["--dataset", "imagenet"], "--dataset: invalid choice"),
+    (["--dataset", "imagenet"], "--dataset: 'imagenet' is neither a dataset"),
     (["--device", "tpu"], "--device: invalid choice"),
 ])
 def test_bad_counts_and_names_are_refused_by_every_lesson(key, flags, expected, capsys):

@@ -9,6 +9,7 @@ Sources, tried in order for each dataset:
 The small datasets fit in memory (MNIST: 188 MB as float32), and indexing one tensor
 is faster than a DataLoader on a CPU, so the lessons batch by indexing.
 """
+import argparse
 import contextlib
 import gzip
 import hashlib
@@ -206,7 +207,7 @@ def load_with_fallback(name, data_dir, explicit, download=True, candidates=None)
 # --- a folder of the learner's own pictures ---
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")  # others are not images: ignored
-FOLDER_DATASET = "image-folder"  # the dataset name that checkpoints record for --image-folder
+FOLDER_DATASET = "image-folder"  # the dataset name that checkpoints record for a folder given as --dataset
 FOLDER_IMAGE_SIZE = 32  # default --image-size: lesson 02's CPU minutes stay minutes (a 64-pixel side costs ~4x)
 FOLDER_CACHE = "image-folder-cache"  # under --data-dir: decoded images, never written into the user's folder
 SKIPPED_SHOWN = 3  # names of unreadable files printed
@@ -294,14 +295,14 @@ def load_image_folder(folder, size=FOLDER_IMAGE_SIZE, channels=None, cache_root=
     Raises LessonError for a missing folder, or one without a readable image."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
-        raise LessonError(f"--image-folder {folder} is not a folder")
+        raise LessonError(f"{folder} is not a folder")
     files, classes = folder_files(folder)
     if not files:
-        raise LessonError(f"--image-folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise LessonError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
     cache = (Path(cache_root) / FOLDER_CACHE / f"{key}-{size}-{channels or 'auto'}.pt").resolve()
     if cache.is_relative_to(folder):
-        raise LessonError(f"the cache {cache} would be written into --image-folder {folder}; pass another --data-dir")
+        raise LessonError(f"the cache {cache} would be written into {folder}, the image folder; pass another --data-dir")
     fingerprint = _fingerprint(files, size, channels)
     if cache.is_file():
         try:
@@ -321,7 +322,7 @@ def load_image_folder(folder, size=FOLDER_IMAGE_SIZE, channels=None, cache_root=
         decoded.append(_resize(image, size))
         labels.append(label)
     if not decoded:
-        raise LessonError(f"--image-folder {folder}: none of its {len(files)} image files could be read")
+        raise LessonError(f"{folder}: none of its {len(files)} image files could be read")
     skipped = [str(name) for name in skipped]
     _say_skipped(skipped, len(files), folder)
     images = torch.stack(decoded)
@@ -349,29 +350,39 @@ def _folder_dataset(folder, images, labels, classes):
     return Dataset(FOLDER_DATASET, images.float().div_(127.5).sub_(1.0), labels, str(folder), classes)
 
 
+DATASET_HELP = ("training images: mnist, fashion-mnist, cifar10, or a folder of your own pictures (PNG, JPEG, GIF, "
+                "WebP or BMP, any size; one subfolder per class gives labels; README: 'Train on your own images')")
+
+
+def dataset_or_folder(text):
+    """argparse type of --dataset: a built-in dataset's name, or a folder of the learner's own pictures."""
+    if text in DATASETS or Path(text).expanduser().is_dir():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a dataset ({', '.join(DATASETS)}) nor a folder")
+
+
 def add_folder_arguments(parser):
-    """--image-folder, --image-size and --channels: the same three flags in every lesson."""
-    parser.add_argument("--image-folder", default=None,
-                        help="train on your own pictures instead of --dataset: a folder of PNG, JPEG, GIF, WebP or BMP "
-                             "files of any size; one subfolder per class gives labels (README: 'Train on your own "
-                             "images')")
+    """--image-size and --channels, for a folder given as --dataset: the same flags in every lesson."""
     parser.add_argument("--image-size", type=positive_int, default=None,
-                        help=f"with --image-folder: the side in pixels each image is resized and centre-cropped to "
-                             f"(default {FOLDER_IMAGE_SIZE})")
+                        help=f"with a folder as --dataset: the side in pixels each picture is resized and centre-cropped "
+                             f"to (default {FOLDER_IMAGE_SIZE})")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                        help="with --image-folder: 1 (grayscale) or 3 (RGB); default: RGB when any image has colour")
+                        help="with a folder as --dataset: 1 (grayscale) or 3 (RGB); default: RGB when any picture has "
+                             "colour")
 
 
 def check_folder_arguments(parser, args):
-    """Parse-time checks of the folder flags, in one line each (exit code 2)."""
-    if args.image_folder is not None and args.dataset is not None:
-        parser.error("--image-folder and --dataset cannot be used together: the folder is the dataset")
+    """After parsing: a folder given as --dataset becomes args.image_folder (and args.dataset None); --image-size
+    and --channels without one are refused in one line (exit code 2)."""
+    args.image_folder = None
+    if args.dataset is not None and args.dataset not in DATASETS:
+        args.image_folder, args.dataset = args.dataset, None
     if args.image_folder is None and (args.image_size is not None or args.channels is not None):
-        parser.error("--image-size and --channels apply to --image-folder only")
+        parser.error("--image-size and --channels apply to a folder of pictures given as --dataset")
 
 
 def load_training_data(args, saved=None, candidates=("mnist", "fashion-mnist")):
-    """The training set a lesson's flags ask for: --image-folder, else --dataset (default mnist, or another of
+    """The training set a lesson's flags ask for: a folder of pictures, else --dataset (default mnist, or another of
     `candidates` found here when mnist is not; load_with_fallback). `saved`: the config of the checkpoint that
     --resume continues; an image size or channel count other than its own is refused before any file is read."""
     if args.image_folder is not None:
