@@ -265,7 +265,7 @@ def encode_dataset(autoencoder, images, device, batch_size=500):
 
 
 def latent_scale(means, stds, generator):
-    """LDM Appendix G: scale latents by 1 / their standard deviation (Section 4.3.2 says why; the paper estimates
+    """LDM Appendix D.1: scale latents by 1 / their standard deviation (Section 4.3.2 says why; the paper estimates
     it on its first batch, here on every training image), so that z0 has unit variance like the noise it is mixed with.
     Returns that factor as a float."""
     z = means + stds * torch.randn(means.shape, device=means.device, generator=generator)
