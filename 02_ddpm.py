@@ -632,7 +632,8 @@ def train_and_sample(args, rank, world_size, device):
                           f"{len(args.channel_mults) - 1} times; use fewer --channel-mults")
     steps_per_epoch = len(images) // (args.batch_size * world_size)
     if steps_per_epoch == 0:
-        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size} x {world_size} processes")
+        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size} x {world_size} processes: "
+                          f"pass a --batch-size of at most {len(images) // world_size}")
     config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "schedule": args.schedule, "prediction": args.prediction,

@@ -514,7 +514,8 @@ def make_config(args, dataset):
     images = dataset.images
     steps_per_epoch = len(images) // args.batch_size
     if steps_per_epoch == 0:
-        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}")
+        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}: pass a --batch-size of at "
+                          f"most {len(images)}")
     if images.shape[-1] % 4:
         raise LessonError(f"{dataset.name} images are {images.shape[-1]} pixels wide; f = 4 needs a multiple of 4")
     return {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],
