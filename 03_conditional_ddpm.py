@@ -442,6 +442,9 @@ def main(argv=None):
             print(f"wrote {path}")
         return
     start = with_current_names(load_checkpoint(args.out / "checkpoint.pt", LESSON)) if args.resume else None
+    if args.image_folder is not None and not data.folder_files(args.image_folder)[1]:
+        raise LessonError(f"lesson 03 learns classes, and the folder {args.image_folder} has none: put each class's "
+                          f"images in a subfolder named after it")
     dataset = data.load_training_data(args, start and start["config"])
     if not dataset.classes:
         raise LessonError(f"lesson 03 learns classes, and the folder {dataset.source} has none: put each class's "

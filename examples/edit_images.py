@@ -144,7 +144,8 @@ def guided_denoiser(model, labels, w):
 
 def load_denoiser(path, device):
     """A lesson 02, 03 or 04 checkpoint -> (make_denoiser(labels, w), alpha_bars [T], config). For lesson 03,
-    labels [N] and w choose the guided prediction (Ho & Salimans Eq. 6); the others ignore them."""
+    labels [N] and w choose the guided prediction (Ho & Salimans Eq. 6), and labels None the unconditional
+    model (its null class); the others ignore them."""
     checkpoint = load_checkpoint(path, ("02_ddpm", "03_conditional_ddpm", "04_ddim_fast_sampling", "05_latent_diffusion"))
     config = checkpoint["config"]
     if checkpoint["lesson"] == "05_latent_diffusion":
@@ -156,7 +157,11 @@ def load_denoiser(path, device):
         model = model.to(device).eval()
         alpha_bars = lesson03.make_schedule(device, config["timesteps"])["alpha_bars"]
 
-        return (lambda labels, w: guided_denoiser(model, labels, w)), alpha_bars, {**config, "lesson": "03_conditional_ddpm"}
+        unconditional = torch.tensor([model.null_class], device=device)  # sdedit and inpaint: no class asked for
+
+        def make_denoiser(labels, w):
+            return guided_denoiser(model, unconditional, 0.0) if labels is None else guided_denoiser(model, labels, w)
+        return make_denoiser, alpha_bars, {**config, "lesson": "03_conditional_ddpm"}
     model, config = lesson04.load_model(path, device)
     config["timesteps"] = config.get("timesteps", lesson04.T)
     alpha_bars = lesson04.make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]
@@ -277,7 +282,9 @@ def parse_args(argv=None):
             command.add_argument("--resample", type=positive_int, default=5,
                                  help="RePaint's r: each step taken this many times (1: the simple baseline)")
         if name == "translate":
-            command.add_argument("--class-label", type=int, required=True, help="the class to translate towards")
+            command.add_argument("--class-label", type=int, required=True,
+                                 help="the class number to translate towards (0-based, in the order of the dataset's "
+                                      "classes, or of a folder's sorted subfolder names)")
             command.add_argument("--guidance-weight", type=non_negative_float, default=None,
                                  help=f"one guidance weight w (default: the rows {TRANSLATE_WEIGHTS})")
     args = parser.parse_args(argv)

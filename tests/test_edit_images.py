@@ -192,3 +192,26 @@ def test_class_translation_with_a_trained_toy_model(edit):
                            1.0, noise, generator)
     assert side(toward_1).float().mean() >= 0.8, side(toward_1).tolist()
     assert side(toward_0).float().mean() <= 0.2, side(toward_0).tolist()
+
+
+def test_sdedit_and_inpaint_run_on_a_lesson03_checkpoint_unconditionally(tiny_data_dir, tmp_path, edit, capsys):
+    """Without a class asked for, a lesson 03 checkpoint edits with its unconditional model (the null class)."""
+    edit.lesson03.main(["--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "l03"), "--max-steps", "2",
+                        "--width", "8", "--channel-mults", "1,2", "--batch-size", "16", "--num-samples", "1",
+                        "--timesteps", "25"])
+    checkpoint = tmp_path / "l03" / "checkpoint.pt"
+    make_denoiser, alpha_bars, config = edit.load_denoiser(checkpoint, torch.device("cpu"))
+    x_t = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model = edit.lesson03.build_model(config)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["ema"])
+    null = torch.full((2,), model.null_class)
+    with torch.no_grad():
+        eps_pred, _ = make_denoiser(None, None)(x_t, 10, alpha_bars[10].item())
+        expected = model.eval()(x_t, torch.full((2,), 10), null)
+    x0 = ((x_t - (1 - alpha_bars[10]).sqrt() * expected) / alpha_bars[10].sqrt()).clamp(-1, 1)
+    assert torch.allclose(eps_pred, (x_t - alpha_bars[10].sqrt() * x0) / (1 - alpha_bars[10]).sqrt(), atol=1e-5)
+    for command in ("sdedit", "inpaint"):
+        result = run_in_process(edit.main, "edit_images.py", command, "--checkpoint", checkpoint, "--out",
+                                tmp_path / "edits", "--steps", "4", "--count", "1", "--data-dir", tiny_data_dir,
+                                capsys=capsys)
+        assert result.returncode == 0, result.stderr

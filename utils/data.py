@@ -217,7 +217,7 @@ def folder_files(folder):
     """(files, class names) of an image folder: with subfolders, each subfolder holding images is a class (its
     images found at any depth below it) and images directly in `folder` are ignored (a note says how many);
     without, every image in `folder` is unlabelled (class names ()). Files are sorted; names are relative."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     top = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     classes, files = [], []
     for sub in sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")):
