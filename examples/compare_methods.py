@@ -15,7 +15,6 @@ column per method).
 import argparse
 import csv
 import math
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -26,20 +25,13 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one folder up
 
+from examples.lessons import load_lesson  # noqa: E402
 from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
     SAMPLE_BATCH_SIZE, ArgumentParser, LessonError, pick_device, positive_int, run, saved_timesteps, writable_dir,
 )
 
 FIGURE_ROWS = 8
-
-
-def load_lesson(filename):
-    """Import a lesson file (its name starts with a digit, so `import` cannot)."""
-    spec = importlib.util.spec_from_file_location(Path(filename).stem, ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 lesson02 = load_lesson("02_ddpm.py")

@@ -24,7 +24,6 @@ outputs/edit_images/): sdedit.png and sdedit.csv, inpaint.png, or translate.png.
 """
 import argparse
 import csv
-import importlib.util
 import math
 import sys
 import time
@@ -36,6 +35,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one folder up
 
+from examples.lessons import load_lesson  # noqa: E402
 from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
     ArgumentParser, LessonError, load_checkpoint, non_negative_float, pick_device, positive_int, run, writable_dir,
@@ -45,14 +45,6 @@ STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)  # SDEdit's sweep: faithful to the input a
 TRANSLATE_WEIGHTS = (0.0, 2.0, 4.0)  # rows of translate.png: the guidance weight w of lesson 03
 STROKES = 4  # random strokes in the "strokes" mask
 SHOWN = 4  # results per setting in each figure (different noises)
-
-
-def load_lesson(filename):
-    """Import a lesson file (its name starts with a digit, so `import` cannot)."""
-    spec = importlib.util.spec_from_file_location(Path(filename).stem, ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 lesson03 = load_lesson("03_conditional_ddpm.py")
