@@ -216,7 +216,7 @@ SKIPPED_SHOWN = 3  # names of unreadable files printed
 def folder_files(folder):
     """(files, class names) of an image folder: with subfolders, each subfolder holding images is a class (its
     images found at any depth below it) and images directly in `folder` are ignored (a note says how many);
-    without, every image in `folder` is unlabelled (class names ()). Files are sorted; names are relative."""
+    without, every image in `folder` is unlabelled (class names ()). Files: sorted (path, label) pairs."""
     folder = Path(folder).expanduser()
     top = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     classes, files = [], []
@@ -241,10 +241,10 @@ def _fingerprint(files, size, channels):
     return digest.hexdigest()
 
 
-def _decode(path, channels):
-    """One image file -> uint8 [C, H, W] with C = 1 or 3 (transparent pixels put on white, as a viewer shows
-    them; an animated GIF's first frame), or None if Pillow cannot read it. Pillow is what torchvision's
-    ImageFolder reads with."""
+def _decode(path):
+    """One image file -> uint8 RGB [3, H, W] (transparent pixels put on white, as a viewer shows them; an
+    animated GIF's first frame), or None if Pillow cannot read it. Pillow is what torchvision's ImageFolder
+    reads with."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -255,7 +255,7 @@ def _decode(path, channels):
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
-    picture = Image.alpha_composite(white, picture).convert("RGB" if channels == 3 else "L")
+    picture = Image.alpha_composite(white, picture).convert("RGB")
     return pil_to_tensor(picture)
 
 
@@ -274,7 +274,7 @@ def read_image(path, size, channels):
     path = Path(path).expanduser()
     if not path.is_file():
         raise LessonError(f"{path} is not a file")
-    image = _decode(path, 3)
+    image = _decode(path)
     if image is None:
         raise LessonError(f"{path} cannot be read as an image (PNG, JPEG, GIF, WebP or BMP)")
     return _with_channels(_resize(image, size)[None], channels)[0].float().div(127.5).sub(1.0)
@@ -315,7 +315,7 @@ def load_image_folder(folder, size=FOLDER_IMAGE_SIZE, channels=None, cache_root=
             return _folder_dataset(folder, saved["images"], saved["labels"], tuple(saved["classes"]))
     decoded, labels, skipped, started = [], [], [], time.perf_counter()
     for path, label in tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False):
-        image = _decode(path, 3)  # decoded in colour first; reduced below when no image has any
+        image = _decode(path)  # in colour; reduced below when no image has any, or when asked
         if image is None:
             skipped.append(path.relative_to(folder))
             continue
