@@ -13,14 +13,15 @@ Builds on: lesson 04's DDIM step and its network calls (loaded from the lesson f
 lesson 02 or 04 checkpoints (eps or v), and lesson 03's classifier-free guidance on its checkpoints.
   - SDEdit: noise the input to t0 = strength x T with q(x_t0 | x_0) (DDPM Eq. 4), then denoise from t0 with
     DDIM. Low strength keeps the input; strength 1 is ordinary sampling from that noise.
-  - Inpainting: at every step the known pixels are replaced by the input noised to that step (RePaint Eq. 8),
+  - Inpainting: at every step the known pixels are replaced by the input noised to that step (RePaint Algorithm 1),
     so the model only has to fill the hole; --resample R goes back and forth R times per step (RePaint
     Algorithm 1 with jumps of one step), which lets the filled part agree with the kept part.
   - Class translation: SDEdit with lesson 03's guided prediction towards --class-label.
 Left out: lesson 05's latent space (the same edits would run on its latents).
 The input is an image file (resized and converted like a folder dataset's pictures) or --test-index, an image of
 the checkpoint's dataset (its test split; for an image folder, its images). Writes to --out (default
-outputs/edit_images/): sdedit.png and sdedit.csv, inpaint.png, or translate.png.
+outputs/edit_images/): sdedit.png (and sdedit.csv with --measure), inpaint.png, or translate.png (and
+translate.csv with --measure).
 """
 import argparse
 import csv
@@ -93,7 +94,7 @@ def sdedit(denoiser, alpha_bars, x0, strength, steps, eta, noise, generator=None
 def inpaint(denoiser, alpha_bars, x0, hole, steps, eta, noise, generator, resample=1):
     """RePaint (Lugmayr et al. 2022): images [N, C, H, W] that keep x0's pixels where `hole` [N or 1, 1, H, W]
     is False and fill those where it is True. From noise [N, C, H, W] at t = T - 1, each step samples the hole
-    with DDIM and sets the known pixels to x0 noised to the new step (Eq. 8); with resample = R > 1 each step is
+    with DDIM and sets the known pixels to x0 noised to the new step (RePaint Algorithm 1); with resample = R > 1 each step is
     taken R times, going back up one step in between with q(x_t | x_t_prev) (Algorithm 1, jumps of one step)."""
     alpha_bars_list = alpha_bars.tolist()
 
