@@ -83,7 +83,7 @@ def ddim_from(denoiser, alpha_bars, x_t, t_start, steps, eta, generator, keep_pi
 
 @torch.inference_mode()
 def sdedit(denoiser, alpha_bars, x0, strength, steps, eta, noise, generator=None):
-    """SDEdit (Meng et al. 2022, Algorithm 1 with DDIM as the solver): the input x0 [N, C, H, W] noised to
+    """SDEdit (Meng et al. 2022, with DDIM as the solver): the input x0 [N, C, H, W] noised to
     t0 = strength x T with `noise` [N, C, H, W], then denoised in about strength x `steps` steps."""
     t0 = start_timestep(strength, len(alpha_bars))
     x_t0 = noised(x0, alpha_bars[t0].item(), noise)
@@ -92,10 +92,10 @@ def sdedit(denoiser, alpha_bars, x0, strength, steps, eta, noise, generator=None
 
 @torch.inference_mode()
 def inpaint(denoiser, alpha_bars, x0, hole, steps, eta, noise, generator, resample=1):
-    """RePaint (Lugmayr et al. 2022): images [N, C, H, W] that keep x0's pixels where `hole` [N or 1, 1, H, W]
-    is False and fill those where it is True. From noise [N, C, H, W] at t = T - 1, each step samples the hole
-    with DDIM and sets the known pixels to x0 noised to the new step (RePaint Algorithm 1); with resample = R > 1 each step is
-    taken R times, going back up one step in between with q(x_t | x_t_prev) (Algorithm 1, jumps of one step)."""
+    """RePaint (Lugmayr et al. 2022, Algorithm 1): images [N, C, H, W] that keep x0's pixels where `hole`
+    [N or 1, 1, H, W] is False and fill those where it is True. From noise [N, C, H, W] at t = T - 1, each step
+    samples the hole with DDIM and sets the known pixels to x0 noised to the new step; with resample = R > 1
+    each step is taken R times, going back up one step in between with q(x_t | x_t_prev) (jumps of one step)."""
     alpha_bars_list = alpha_bars.tolist()
 
     def keep_pixels(x_prev, t, t_prev):
