@@ -446,9 +446,6 @@ def main(argv=None):
         raise LessonError(f"lesson 03 learns classes, and the folder {args.image_folder} has none: put each class's "
                           f"images in a subfolder named after it")
     dataset = data.load_training_data(args, start and start["config"])
-    if not dataset.classes:
-        raise LessonError(f"lesson 03 learns classes, and the folder {dataset.source} has none: put each class's "
-                          f"images in a subfolder named after it")
     if args.class_label is not None and args.class_label >= len(dataset.classes):
         raise LessonError(f"--class-label must be between 0 and {len(dataset.classes) - 1}, got {args.class_label}")
     dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one folder up
@@ -39,13 +38,15 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one f
 from examples.lessons import load_lesson  # noqa: E402
 from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
-    ArgumentParser, LessonError, load_checkpoint, non_negative_float, pick_device, positive_int, run, writable_dir,
+    ArgumentParser, LessonError, in_batches, load_checkpoint, non_negative_float, pick_device,
+    positive_int, run, saved_timesteps, writable_dir,
 )
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)  # SDEdit's sweep: faithful to the input at 0.2, a new image at 1.0
 TRANSLATE_WEIGHTS = (0.0, 2.0, 4.0)  # rows of translate.png: the guidance weight w of lesson 03
 STROKES = 4  # random strokes in the "strokes" mask
 SHOWN = 4  # results per setting in each figure (different noises)
+MEASURE_BATCH = 100  # images per batch for --measure (the README's tables were measured with it)
 
 
 lesson03 = load_lesson("03_conditional_ddpm.py")
@@ -53,11 +54,6 @@ lesson04 = load_lesson("04_ddim_fast_sampling.py")
 
 
 # --- the edits: each takes a denoiser(x_t, t, alpha_bar_t) -> (eps_pred, x0_pred), as lesson 04's samplers use ---
-
-def noised(x0, alpha_bar, noise):
-    """DDPM Eq. 4: a draw of q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I) with the given noise."""
-    return math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * noise
-
 
 def start_timestep(strength, timesteps):
     """SDEdit's t0 = strength x T as a 0-based timestep: strength 1 is the last one, T - 1."""
@@ -86,7 +82,7 @@ def sdedit(denoiser, alpha_bars, x0, strength, steps, eta, noise, generator=None
     """SDEdit (Meng et al. 2022, with DDIM as the solver): the input x0 [N, C, H, W] noised to
     t0 = strength x T with `noise` [N, C, H, W], then denoised in about strength x `steps` steps."""
     t0 = start_timestep(strength, len(alpha_bars))
-    x_t0 = noised(x0, alpha_bars[t0].item(), noise)
+    x_t0 = visualize.noised(x0, alpha_bars[t0].item(), noise)
     return ddim_from(denoiser, alpha_bars, x_t0, t0, max(1, round(strength * steps)), eta, generator)
 
 
@@ -100,7 +96,7 @@ def inpaint(denoiser, alpha_bars, x0, hole, steps, eta, noise, generator, resamp
 
     def keep_pixels(x_prev, t, t_prev):
         alpha_bar_prev = alpha_bars_list[t_prev] if t_prev >= 0 else 1.0
-        known = noised(x0, alpha_bar_prev, torch.randn(x0.shape, device=x0.device, generator=generator))
+        known = visualize.noised(x0, alpha_bar_prev, torch.randn(x0.shape, device=x0.device, generator=generator))
         return torch.where(hole, x_prev, known)  # at the clean image (t_prev = -1) known is x0 itself
 
     def step_with_resampling(x_prev, t, t_prev):
@@ -117,7 +113,7 @@ def inpaint(denoiser, alpha_bars, x0, hole, steps, eta, noise, generator, resamp
                                                     generator), t, t_prev)
         return x_prev
 
-    x_start = torch.where(hole, noise, noised(x0, alpha_bars_list[-1], noise))
+    x_start = torch.where(hole, noise, visualize.noised(x0, alpha_bars_list[-1], noise))
     return ddim_from(denoiser, alpha_bars, x_start, len(alpha_bars) - 1, steps, eta, generator, step_with_resampling)
 
 
@@ -148,7 +144,7 @@ def load_denoiser(path, device):
         model = lesson03.build_model(config)
         model.load_state_dict(lesson03.with_current_names(checkpoint)["ema"])
         model = model.to(device).eval()
-        alpha_bars = lesson03.make_schedule(device, config["timesteps"])["alpha_bars"]
+        alpha_bars = lesson03.make_schedule(device, saved_timesteps(config, None, path))["alpha_bars"]
 
         unconditional = torch.tensor([model.null_class], device=device)  # sdedit and inpaint: no class asked for
 
@@ -156,7 +152,7 @@ def load_denoiser(path, device):
             return guided_denoiser(model, unconditional, 0.0) if labels is None else guided_denoiser(model, labels, w)
         return make_denoiser, alpha_bars, {**config, "lesson": "03_conditional_ddpm"}
     model, config = lesson04.load_model(path, device)
-    config["timesteps"] = config.get("timesteps", lesson04.T)
+    config["timesteps"] = saved_timesteps(config, None, path)
     alpha_bars = lesson04.make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]
     prediction = config.get("prediction", "eps")
 
@@ -306,6 +302,13 @@ def write_sdedit(make_denoiser, alpha_bars, config, args, device):
     return paths
 
 
+def edit_in_batches(denoiser, alpha_bars, inputs, noise, strength, args, device):
+    """SDEdit of many inputs [N, C, H, W] with their noises, MEASURE_BATCH at a time -> [N, C, H, W] on the CPU."""
+    return in_batches(len(inputs), MEASURE_BATCH, lambda start, count: (sdedit(
+        denoiser, alpha_bars, inputs[start:start + count].to(device), strength, args.steps, args.eta,
+        noise[start:start + count].to(device)), None))[0]
+
+
 def measure_sdedit(denoiser, alpha_bars, config, args, device):
     """SDEdit on the first --measure test images at each strength: their RMS distance to the inputs (pixels in
     [-1, 1]) and utils.metrics' FD minus the floor. -> sdedit.csv."""
@@ -316,11 +319,8 @@ def measure_sdedit(denoiser, alpha_bars, config, args, device):
     noise = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(args.seed + 1))
     rows = []
     for strength in args.strength:
-        started, edited = time.perf_counter(), []
-        for start in tqdm(range(0, len(inputs), 100), desc=f"strength {strength:g}", leave=False):
-            edited.append(sdedit(denoiser, alpha_bars, inputs[start:start + 100].to(device), strength, args.steps,
-                                 args.eta, noise[start:start + 100].to(device)).cpu())
-        edited = torch.cat(edited)
+        started = time.perf_counter()
+        edited = edit_in_batches(denoiser, alpha_bars, inputs, noise, strength, args, device)
         scores = metrics.evaluate(edited, config["dataset"], data_dir=args.data_dir, device=device)
         rows.append({"strength": strength, "images": len(inputs),
                      "rms_distance_to_input": round((edited - inputs).square().mean().sqrt().item(), 4),
@@ -401,9 +401,7 @@ def measure_translate(make_denoiser, alpha_bars, config, args, device, weights):
     for w in weights:
         for strength in args.strength:
             started = time.perf_counter()
-            edited = torch.cat([sdedit(make_denoiser(labels, w), alpha_bars, inputs[i:i + 100].to(device), strength,
-                                       args.steps, args.eta, noise[i:i + 100].to(device)).cpu()
-                                for i in range(0, len(inputs), 100)])
+            edited = edit_in_batches(make_denoiser(labels, w), alpha_bars, inputs, noise, strength, args, device)
             predicted = metrics.predict(classifier, edited, device)[1]
             rows.append({"guidance_weight": w, "strength": strength, "images": len(inputs),
                          "share_of_target_class": round((predicted == args.class_label).float().mean().item(), 4),

@@ -45,7 +45,7 @@ def test_sdedit_at_strength_one_is_ordinary_sampling(edit):
     x0, noise = references(3), torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     denoiser = lambda x_t, t, alpha_bar_t: lesson04.predict_eps_and_x0(model, x_t, t, alpha_bar_t, "eps", True)
     edited = edit.sdedit(denoiser, alpha_bars, x0, 1.0, 10, 0.0, noise)
-    x_T = edit.noised(x0, alpha_bars[-1].item(), noise)
+    x_T = edit.visualize.noised(x0, alpha_bars[-1].item(), noise)
     sampled, _ = lesson04.sample(model, alpha_bars, x_T, 10, "ddim", 0.0, "trailing", "eps", True)
     assert torch.equal(edited, sampled)
     assert edit.start_timestep(1.0, 1000) == 999 and edit.start_timestep(0.5, 1000) == 499

@@ -213,10 +213,11 @@ FOLDER_CACHE = "image-folder-cache"  # under --data-dir: decoded images, never w
 SKIPPED_SHOWN = 3  # names of unreadable files printed
 
 
-def folder_files(folder):
+def folder_files(folder, say_unused=False):
     """(files, class names) of an image folder: with subfolders, each subfolder holding images is a class (its
     images found at any depth below it) and images directly in `folder` are ignored (a note says how many);
-    without, every image in `folder` is unlabelled (class names ()). Files: sorted (path, label) pairs."""
+    without, every image in `folder` is unlabelled (class names ()). Files: sorted (path, label) pairs.
+    say_unused: print the note (once, when the folder is read; other callers only look at the classes)."""
     folder = Path(folder).expanduser()
     top = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     classes, files = [], []
@@ -227,7 +228,7 @@ def folder_files(folder):
             classes.append(sub.name)
     if not classes:
         return [(path, 0) for path in top], ()
-    if top:
+    if top and say_unused:
         print(f"note: {len(top)} image(s) directly in {folder} are in no class subfolder and are not used")
     return files, tuple(classes)
 
@@ -296,7 +297,7 @@ def load_image_folder(folder, size=FOLDER_IMAGE_SIZE, channels=None, cache_root=
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise LessonError(f"{folder} is not a folder")
-    files, classes = folder_files(folder)
+    files, classes = folder_files(folder, say_unused=True)
     if not files:
         raise LessonError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
