@@ -71,12 +71,14 @@ def main():
     args = parser.parse_args()
     pick_device("cpu")
     schedule = lesson01.make_schedule(torch.device("cpu"))
-    variants = [("width 16 (default), batch 128", 16, 128, False, False),
-                ("width 16, batch 128, channels_last", 16, 128, True, False),
-                ("width 16, batch 64", 16, 64, False, False),
-                ("width 32, batch 128", 32, 128, False, False)]
+    variants = [("width 16, batch 64 (default)", 16, 64, False, False),
+                ("width 16, batch 64, channels_last", 16, 64, True, False),
+                ("width 16, batch 128 (the default before 2026-11-30)", 16, 128, False, False),
+                ("width 16, batch 32", 16, 32, False, False),
+                ("width 16, batch 32, channels_last", 16, 32, True, False),
+                ("width 32, batch 64", 32, 64, False, False)]
     if args.compile:
-        variants.append(("width 16, batch 128, torch.compile", 16, 128, False, True))
+        variants.append(("width 16, batch 64, torch.compile", 16, 64, False, True))
     models = {}
     for name, width, _, channels_last, compiled in variants:
         torch.manual_seed(0)

@@ -55,3 +55,30 @@ def test_balanced_draws_take_the_same_number_of_distinct_images_from_every_class
     first = floor_balance.balanced_indices(labels, 15, generator, classes=3)
     assert len(set(first.tolist())) == 15 and torch.bincount(labels[first]).tolist() == [5, 5, 5]
     assert not torch.equal(first, floor_balance.balanced_indices(labels, 15, generator, classes=3))  # a new draw
+
+
+def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_weights_the_loss_as_min_snr():
+    """benchmarks/lesson01_recipe.py ranks recipes for lesson 01: its sampler must draw what lesson 01's sample()
+    draws (the same starting noise, the posterior variance), and its min-SNR weights must be min(SNR, gamma) / SNR."""
+    recipe = load_benchmark("lesson01_recipe")
+    lesson01 = recipe.lesson01
+    schedule = lesson01.make_schedule(torch.device("cpu"), 40)
+    torch.manual_seed(0)
+    model = lesson01.TinyUNet(1, width=8).eval()
+    ours = recipe.draw(model, schedule, 3, "beta_tilde")
+    theirs, _ = lesson01.sample(model, schedule, (3, 1, 28, 28), torch.Generator().manual_seed(recipe.SAMPLE_SEED))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    other = recipe.draw(model, schedule, 3, "beta")  # the same noises, a larger variance: other images
+    assert (other - ours).abs().max() > 1e-3
+
+    snr = torch.tensor([0.01, 1.0, 5.0, 20.0, 1000.0])
+    assert torch.allclose(recipe.min_snr_weights(snr, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.25, 0.005]))
+
+    class Args:  # two steps of training on four images, with and without min-SNR
+        steps, batch_size, width, lr, ema, seed = 2, 2, 8, 1e-3, 0.0, 0
+        min_snr = 0.0
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    plain, _ = recipe.train(Args, images, schedule)
+    Args.min_snr = 5.0
+    weighted, _ = recipe.train(Args, images, schedule)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), weighted.state_dict().values()))

@@ -1,0 +1,142 @@
+"""Lesson 01's training recipe, one change at a time: sample quality for the same CPU minutes.
+
+    python benchmarks/lesson01_recipe.py --name batch128                  # the recipe before 2026-11-30
+    python benchmarks/lesson01_recipe.py --name batch64 --batch-size 64 --steps 4680
+    python benchmarks/lesson01_recipe.py --name ema --ema 0.998           # one change on top of batch 128
+    python benchmarks/lesson01_recipe.py --name old --checkpoint outputs/01_ddpm_toy/checkpoint.pt --variance both
+
+Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, add_noise,
+learning_rate, EpochOrder's data order) and one change at a time: batch size and steps, peak learning
+rate, an EMA of the weights (decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting
+(Hang et al. 2023, arXiv:2303.09556: each image's noise MSE times min(SNR_t, gamma) / SNR_t), then draws
+--samples images with DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t or the posterior variance
+beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
+utils.metrics (FD minus the real-data floor at the same count). Appends one JSON line per variance to
+benchmarks/results/lesson01_recipe.jsonl, with the training minutes (which are only comparable within one
+day: run nothing else beside it).
+"""
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import RESULTS, ROOT, load_lesson
+from utils import data, visualize
+from utils.runtime import EpochOrder, load_checkpoint, pick_device
+
+lesson01 = load_lesson("01_ddpm_toy.py")
+SAMPLE_SEED = 1234  # the starting noises of every variant
+
+
+def min_snr_weights(snr, gamma):
+    """Min-SNR-gamma weights of the eps-prediction loss (Hang et al. 2023, arXiv:2303.09556): min(SNR_t, gamma) / SNR_t,
+    snr [B] -> [B]; 1 where SNR_t <= gamma (noisy steps), gamma / SNR_t below 1 where the image is nearly clean."""
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train(args, images, schedule):
+    """Lesson 01's training loop with the variant's changes; returns the model to sample (the EMA if any)."""
+    model = lesson01.TinyUNet(1, args.width)
+    ema = copy.deepcopy(model) if args.ema else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    order = EpochOrder(len(images), args.batch_size, len(images) // args.batch_size, args.seed)
+    alpha_bars = schedule["alpha_bars"]
+    snr = alpha_bars / (1 - alpha_bars)  # signal-to-noise ratio of x_t
+    started, losses = time.perf_counter(), []
+    for step in range(args.steps):
+        x0 = images[order.batch(step)]
+        lesson01.set_learning_rate(optimizer, lesson01.learning_rate(step, args.steps, args.lr))
+        t = torch.randint(0, len(alpha_bars), (x0.shape[0],), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        per_image = ((model(lesson01.add_noise(x0, t, eps, schedule), t) - eps) ** 2).mean(dim=(1, 2, 3))
+        weights = min_snr_weights(snr[t], args.min_snr) if args.min_snr else 1.0
+        loss = (weights * per_image).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for averaged, current in zip(ema.parameters(), model.parameters()):
+                    averaged.lerp_(current, 1 - decay)
+        losses.append(per_image.mean().item())
+        if step % 500 == 0 or step == args.steps - 1:
+            print(f"step {step}: loss {sum(losses[-500:]) / len(losses[-500:]):.4f}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    return (ema if ema is not None else model), (time.perf_counter() - started) / 60
+
+
+@torch.inference_mode()
+def draw(model, schedule, count, variance):
+    """DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t ("beta") or beta_tilde_t ("beta_tilde")."""
+    betas, alphas, alpha_bars = (schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars"))
+    generator, images = torch.Generator().manual_seed(SAMPLE_SEED), []
+    for start in range(0, count, 128):
+        x = torch.randn((min(128, count - start), 1, 28, 28), generator=generator)
+        for t in range(len(betas) - 1, -1, -1):
+            eps = model(x, torch.full((x.shape[0],), t))
+            x = (x - betas[t] / math.sqrt(1 - alpha_bars[t]) * eps) / math.sqrt(alphas[t])
+            if t > 0:
+                sigma2 = betas[t] if variance == "beta" else betas[t] * (1 - alpha_bars[t - 1]) / (1 - alpha_bars[t])
+                x = x + math.sqrt(sigma2) * torch.randn(x.shape, generator=generator)
+        images.append(x.clamp(-1, 1))
+    return torch.cat(images)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="the row's name; samples go to outputs/lesson01_recipe/NAME")
+    parser.add_argument("--checkpoint", help="sample a lesson 01 checkpoint instead of training")
+    parser.add_argument("--steps", type=int, default=2340)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: none)")
+    parser.add_argument("--min-snr", type=float, default=0.0, help="min-SNR gamma (0: the plain loss)")
+    parser.add_argument("--variance", choices=["beta", "beta_tilde", "both"], default="beta_tilde")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default="data")
+    args = parser.parse_args()
+    pick_device("cpu")
+    torch.manual_seed(args.seed)
+    out = ROOT / "outputs" / "lesson01_recipe" / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    schedule = lesson01.make_schedule(torch.device("cpu"))
+    if args.checkpoint:
+        checkpoint = load_checkpoint(args.checkpoint, lesson01.LESSON)
+        model = lesson01.TinyUNet(1, checkpoint["config"]["width"])
+        model.load_state_dict(checkpoint["model"])
+        minutes = None
+    else:
+        images = data.load_dataset("fashion-mnist", args.data_dir).images
+        model, minutes = train(args, images, schedule)
+    model.eval()
+    for variance in (["beta", "beta_tilde"] if args.variance == "both" else [args.variance]):
+        started = time.perf_counter()
+        images = draw(model, schedule, args.samples, variance)
+        seconds = time.perf_counter() - started
+        visualize.save_grid(images[:64], out / f"samples_{variance}.png")
+        path = visualize.save_samples_npz(images, out / f"samples_{variance}.npz")
+        scored = subprocess.run([sys.executable, "-m", "utils.metrics", str(path), "--dataset", "fashion-mnist",
+                                 "--data-dir", args.data_dir], cwd=ROOT, capture_output=True, text=True, check=True)
+        metrics = json.loads(scored.stdout.strip().splitlines()[-1])
+        row = {"name": args.name, "command": " ".join(["python benchmarks/lesson01_recipe.py", *sys.argv[1:]]),
+               "variance": variance, "train_min": minutes and round(minutes, 2), "samples": args.samples,
+               "fd": metrics["fd"], "fd_real_floor": metrics["fd_real_floor"],
+               "fd_minus_floor": round(metrics["fd"] - metrics["fd_real_floor"], 2),
+               "class_entropy_bits": metrics["class_entropy_bits"], "sample_s": round(seconds, 1)}
+        print(json.dumps(row), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / "lesson01_recipe.jsonl", "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
