@@ -7,7 +7,7 @@
 
 Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, add_noise,
 learning_rate, EpochOrder's data order) and one change at a time: batch size and steps, peak learning
-rate, an EMA of the weights (decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting
+rate, an EMA of the weights (lesson 02's EMA: decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting
 (Hang et al. 2023, arXiv:2303.09556: each image's noise MSE times min(SNR_t, gamma) / SNR_t), then draws
 --samples images with DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t or the posterior variance
 beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
@@ -16,7 +16,6 @@ benchmarks/results/lesson01_recipe.jsonl, with the training minutes (which are o
 day: run nothing else beside it).
 """
 import argparse
-import copy
 import json
 import math
 import subprocess
@@ -30,6 +29,7 @@ from utils import data, visualize
 from utils.runtime import EpochOrder, load_checkpoint, pick_device
 
 lesson01 = load_lesson("01_ddpm_toy.py")
+lesson02 = load_lesson("02_ddpm.py")  # its EMA, as lesson 02 teaches it
 SAMPLE_SEED = 1234  # the starting noises of every variant
 
 
@@ -42,7 +42,7 @@ def min_snr_weights(snr, gamma):
 def train(args, images, schedule):
     """Lesson 01's training loop with the variant's changes; returns the model to sample (the EMA if any)."""
     model = lesson01.TinyUNet(1, args.width)
-    ema = copy.deepcopy(model) if args.ema else None
+    ema = lesson02.EMA(model, args.ema) if args.ema else None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     order = EpochOrder(len(images), args.batch_size, len(images) // args.batch_size, args.seed)
@@ -61,15 +61,12 @@ def train(args, images, schedule):
         loss.backward()
         optimizer.step()
         if ema is not None:
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for averaged, current in zip(ema.parameters(), model.parameters()):
-                    averaged.lerp_(current, 1 - decay)
+            ema.update(model, step)
         losses.append(per_image.mean().item())
         if step % 500 == 0 or step == args.steps - 1:
             print(f"step {step}: loss {sum(losses[-500:]) / len(losses[-500:]):.4f}, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
-    return (ema if ema is not None else model), (time.perf_counter() - started) / 60
+    return (ema.model if ema is not None else model), (time.perf_counter() - started) / 60
 
 
 @torch.inference_mode()

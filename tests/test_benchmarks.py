@@ -82,3 +82,6 @@ def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_weights_the_loss
     Args.min_snr = 5.0
     weighted, _ = recipe.train(Args, images, schedule)
     assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), weighted.state_dict().values()))
+    Args.min_snr, Args.ema = 0.0, 0.9  # lesson 02's EMA: the averaged weights are returned, not the last ones
+    averaged, _ = recipe.train(Args, images, schedule)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), averaged.state_dict().values()))
