@@ -1,6 +1,7 @@
 """Each lesson's default run, end to end: wall time, peak memory, training speed and sample quality.
 
-    python benchmarks/quality.py                          # every lesson, as the README runs it (about 2 h on 2 CPU cores)
+    python benchmarks/quality.py                          # every lesson, as the README runs it, scored at
+                                                          # NUM_SAMPLES (about 2.5 h on 2 CPU cores)
     python benchmarks/quality.py --lessons 01 02          # some of them
     python benchmarks/quality.py --lessons 03 --reuse     # score runs already in --runs without training again
 
@@ -36,6 +37,10 @@ LESSONS = {  # the README's default command of each lesson, without --out
     "05": ["05_latent_diffusion.py"],
 }
 LESSON_NAMES = {key: Path(argv[0]).stem for key, argv in LESSONS.items()}
+# --num-samples of each lesson's run: 1000 where sampling is fast enough; 256 for the 1000-step DDPM samplers of
+# lessons 02 and 03 (1000 of lesson 03's guided images would take over an hour on 2 CPU cores). Lesson 01 is a
+# 1000-step sampler too, but its small network draws 1000 in about 11 minutes.
+NUM_SAMPLES = {"01": 1000, "02": 256, "03": 256, "04": 1000, "05": 1000}
 FIELDS = ("run", "command", "wall_min", "peak_rss_gib", "train_images_per_s", "final_loss", "samples",
           "fd", "fd_real_floor", "class_accuracy", "class_entropy_bits")
 
@@ -120,7 +125,9 @@ def main():
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "benchmark_runs", help="output folders")
     parser.add_argument("--reuse", action="store_true", help="score existing runs; do not train again")
     parser.add_argument("--guidance", default="0,1,2,4", help="lesson 03's sweep: guidance strengths w")
-    parser.add_argument("--guidance-samples", type=int, default=50, help="images per w (a multiple of 10)")
+    parser.add_argument("--guidance-samples", type=int, default=50, help="images per w (a multiple of 10; 0: no sweep)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="images each lesson samples and is scored on (default: NUM_SAMPLES, 1000 or 256)")
     parser.add_argument("--extra", default="", help="flags added to every lesson command (for a quick check)")
     args = parser.parse_args()
     print(f"command: python benchmarks/quality.py {' '.join(sys.argv[1:])}", flush=True)
@@ -129,7 +136,9 @@ def main():
     for key in args.lessons:
         template = LESSONS[key]
         out = args.runs / Path(template[0]).stem
-        argv = [part.format(runs=args.runs) for part in template] + ["--out", str(out)] + args.extra.split()
+        count = args.num_samples or NUM_SAMPLES[key]
+        argv = ([part.format(runs=args.runs) for part in template] + ["--out", str(out), "--num-samples", str(count)]
+                + args.extra.split())
         row = {"run": key, "command": "python " + " ".join(template).replace("{runs}", "outputs")}
         if not args.reuse:
             print(f"running {' '.join(argv)}", flush=True)
@@ -147,7 +156,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
         write(rows, "cpu")
-        if key == "03":
+        if key == "03" and args.guidance_samples:
             weights = [float(w) for w in args.guidance.split(",")]
             rows += guidance_sweep(out, weights, args.guidance_samples, seed=0)
             write(rows, "cpu")

@@ -131,6 +131,36 @@ def test_training_on_a_fixed_batch_clearly_lowers_the_loss(lesson01, schedule):
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.parametrize("snr_gamma", [0.0, 5.0, 0.5])
+def test_loss_weights_each_images_error_by_min_snr_over_snr(lesson01, schedule, snr_gamma):
+    # Hang et al. 2023: for noise prediction, weight min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t);
+    # gamma = 0 is DDPM's plain Eq. 14. The model's error differs per image so that the weights matter.
+    x0 = torch.linspace(-1, 1, 32).view(32, 1, 1, 1).expand(32, 1, 8, 8).contiguous()
+    offsets = torch.linspace(0.1, 2.0, 32).view(32, 1, 1, 1)
+    model = lambda x_t, t: offsets * x_t  # noqa: E731  an error that differs from image to image
+    loss = lesson01.loss_fn(model, x0, schedule, torch.Generator().manual_seed(3), snr_gamma)
+    generator = torch.Generator().manual_seed(3)  # the same draws as loss_fn's
+    t = torch.randint(0, len(schedule["betas"]), (32,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    alpha_bar = schedule["alpha_bars"][t]
+    x_t = alpha_bar.sqrt().view(-1, 1, 1, 1) * x0 + (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * eps
+    errors = ((offsets * x_t - eps) ** 2).mean(dim=(1, 2, 3))
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = torch.ones(32) if snr_gamma == 0 else torch.minimum(snr, torch.tensor(snr_gamma)) / snr
+    assert torch.allclose(loss, (weights * errors).mean(), rtol=1e-5)
+    if snr_gamma:
+        assert (weights[snr <= snr_gamma] == 1).all() and (weights[snr > snr_gamma] < 1).all()
+        assert (snr > snr_gamma).any() and (snr <= snr_gamma).any()  # both kinds of steps were drawn
+
+
+def test_snr_gamma_is_a_flag_with_the_papers_default_and_refuses_negative_values(lesson01, capsys):
+    assert lesson01.parse_args([]).snr_gamma == 5.0
+    assert lesson01.parse_args(["--snr-gamma", "0"]).snr_gamma == 0.0
+    with pytest.raises(SystemExit):
+        lesson01.parse_args(["--snr-gamma", "-1"])
+    assert "--snr-gamma" in capsys.readouterr().err
+
+
 def oracle(schedule, x0_target):
     """A 'network' that predicts exactly the noise that separates x_t from x0_target."""
     def predict(x_t, t):
