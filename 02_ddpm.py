@@ -2,7 +2,8 @@
 
 Papers: Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", 2020, arXiv:2006.11239;
         Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models", 2021, arXiv:2102.09672.
-Builds on: lesson 01 (forward process, noise prediction, the simple loss, ancestral sampling).
+Builds on: lesson 01 (forward process, noise prediction, the simple loss, ancestral sampling); lesson 01's
+min-SNR weighting of that loss is not used here (not measured on this model).
 New here:
   - the paper's U-Net: ResNet blocks with dropout, self-attention, channel multipliers; EMA weights;
   - the cosine schedule, sampling through the posterior q(x_{t-1} | x_t, x_0) with its two variances, and

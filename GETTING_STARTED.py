@@ -38,7 +38,7 @@ PROBE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's fi
 # Lessons 04 and 05 use day 2 alone: day 1 has no measured speed for them.
 DAY_2_RATE = 328
 LESSONS = [
-    ("01_ddpm_toy.py", "the forward process, a small noise-predicting U-Net, the simple loss, DDPM sampling",
+    ("01_ddpm_toy.py", "the forward process, a small noise-predicting U-Net, the simple loss (min-SNR weighted), DDPM sampling",
      ((9.2, 600), (15.6, DAY_2_RATE))),
     ("02_ddpm.py", "the full DDPM: ResNet U-Net + attention, cosine schedule, EMA, checkpoints, mixed precision",
      ((23.6, 707), (37.1, DAY_2_RATE))),

@@ -1,7 +1,7 @@
 """Lesson 01's training recipe, one change at a time: sample quality for the same CPU minutes.
 
     python benchmarks/lesson01_recipe.py --name batch128                  # the training recipe before 2026-11-30
-    python benchmarks/lesson01_recipe.py --name today --batch-size 64 --steps 4680 --lr 4e-3   # lesson 01's default now
+    python benchmarks/lesson01_recipe.py --name today --batch-size 64 --steps 4680 --lr 4e-3 --min-snr 5  # the default
     python benchmarks/lesson01_recipe.py --name ema --ema 0.998           # one change on top of batch 128
     python benchmarks/lesson01_recipe.py --name old --checkpoint outputs/01_ddpm_toy/checkpoint.pt --variance both
 

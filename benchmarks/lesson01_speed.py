@@ -3,8 +3,8 @@
     python benchmarks/lesson01_speed.py [--repeats 3] [--compile]
 
 Compares, in one run with interleaved repeats (these machines are shared and noisy, so read
-the ratios): the default width against wider networks, channels_last memory layout against
-the default layout, and optionally torch.compile. For sampling it times DDPM steps against
+the ratios): the default against other batch sizes, a wider network, the plain loss without min-SNR
+weighting, channels_last memory layout against the default layout, and optionally torch.compile. For sampling it times DDPM steps against
 bare network calls on the same batch; the difference is the time spent outside the network.
 Writes benchmarks/results/lesson01_speed.csv and .md, and prints the markdown table.
 """
@@ -23,7 +23,7 @@ TRAIN_STEPS = 15
 SAMPLE_STEPS = 50
 
 
-def train_speed(model, batch_size, channels_last, schedule):
+def train_speed(model, batch_size, channels_last, schedule, snr_gamma):
     """Training images/s on random 28x28 data (data loading is indexing, so random data is fair)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = torch.randn(batch_size, 1, 28, 28)
@@ -32,7 +32,7 @@ def train_speed(model, batch_size, channels_last, schedule):
     generator = torch.Generator().manual_seed(0)
 
     def step():
-        loss = lesson01.loss_fn(model, images, schedule, generator)
+        loss = lesson01.loss_fn(model, images, schedule, generator, snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -71,16 +71,19 @@ def main():
     args = parser.parse_args()
     pick_device("cpu")
     schedule = lesson01.make_schedule(torch.device("cpu"))
-    variants = [("width 16, batch 64 (default)", 16, 64, False, False),
-                ("width 16, batch 64, channels_last", 16, 64, True, False),
-                ("width 16, batch 128 (the default before 2026-11-30)", 16, 128, False, False),
-                ("width 16, batch 32", 16, 32, False, False),
-                ("width 16, batch 32, channels_last", 16, 32, True, False),
-                ("width 32, batch 64", 32, 64, False, False)]
+    gamma = lesson01.SNR_GAMMA
+    variants = [  # (name, width, batch size, channels_last, torch.compile, min-SNR gamma)
+        ("width 16, batch 64 (default)", 16, 64, False, False, gamma),
+        ("width 16, batch 64, plain loss (--snr-gamma 0)", 16, 64, False, False, 0.0),
+        ("width 16, batch 64, channels_last", 16, 64, True, False, gamma),
+        ("width 16, batch 128 (the batch before 2026-11-30)", 16, 128, False, False, gamma),
+        ("width 16, batch 32", 16, 32, False, False, gamma),
+        ("width 16, batch 32, channels_last", 16, 32, True, False, gamma),
+        ("width 32, batch 64", 32, 64, False, False, gamma)]
     if args.compile:
-        variants.append(("width 16, batch 64, torch.compile", 16, 64, False, True))
+        variants.append(("width 16, batch 64, torch.compile", 16, 64, False, True, gamma))
     models = {}
-    for name, width, _, channels_last, compiled in variants:
+    for name, width, _, channels_last, compiled, _ in variants:
         torch.manual_seed(0)
         model = lesson01.TinyUNet(1, width)
         if channels_last:
@@ -88,8 +91,8 @@ def main():
         models[name] = torch.compile(model) if compiled else model
     speeds = {name: [] for name, *_ in variants}
     for _ in range(args.repeats):  # interleaved, so that machine noise hits every variant alike
-        for name, _, batch_size, channels_last, _ in variants:
-            speeds[name].append(train_speed(models[name], batch_size, channels_last, schedule))
+        for name, _, batch_size, channels_last, _, snr_gamma in variants:
+            speeds[name].append(train_speed(models[name], batch_size, channels_last, schedule, snr_gamma))
     baseline = statistics.median(speeds[variants[0][0]])
     rows = [{"measure": f"training: {name}", "value": f"{statistics.median(values):.0f} images/s",
              "ratio": f"{statistics.median(values) / baseline:.2f}"} for name, values in speeds.items()]

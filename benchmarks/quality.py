@@ -5,7 +5,8 @@
     python benchmarks/quality.py --lessons 01 02          # some of them
     python benchmarks/quality.py --lessons 03 --reuse     # score runs already in --runs without training again
 
-Runs each lesson's README command as its own process (output folder --runs/<lesson>), then scores the
+Runs each lesson's README command as its own process (output folder --runs/<lesson>), with --num-samples set
+to NUM_SAMPLES (so its wall time includes drawing that many, not the default 64), then scores the
 samples.npz it wrote with utils.metrics against the dataset's test split, beside the real-data floor at
 the same sample count (the Frechet distance of as many real training images). Peak memory is the
 process's maximum resident set size. Lesson 04 samples lesson 02's checkpoint, so it needs lesson 02's run.
@@ -27,7 +28,7 @@ import torch
 
 from common import RESULTS, ROOT, load_lesson
 from utils import metrics
-from utils.runtime import load_checkpoint
+from utils.runtime import load_checkpoint, positive_int
 
 LESSONS = {  # the README's default command of each lesson, without --out
     "01": ["01_ddpm_toy.py"],
@@ -125,11 +126,14 @@ def main():
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "benchmark_runs", help="output folders")
     parser.add_argument("--reuse", action="store_true", help="score existing runs; do not train again")
     parser.add_argument("--guidance", default="0,1,2,4", help="lesson 03's sweep: guidance strengths w")
-    parser.add_argument("--guidance-samples", type=int, default=50, help="images per w (a multiple of 10; 0: no sweep)")
-    parser.add_argument("--num-samples", type=int, default=None,
+    parser.add_argument("--guidance-samples", type=int, default=50,
+                        help="images per w (a multiple of 10; 0: no sweep)")
+    parser.add_argument("--num-samples", type=positive_int, default=None,
                         help="images each lesson samples and is scored on (default: NUM_SAMPLES, 1000 or 256)")
     parser.add_argument("--extra", default="", help="flags added to every lesson command (for a quick check)")
     args = parser.parse_args()
+    if args.guidance_samples < 0:
+        parser.error(f"--guidance-samples must be 0 or more, got {args.guidance_samples}")
     print(f"command: python benchmarks/quality.py {' '.join(sys.argv[1:])}", flush=True)
     args.runs.mkdir(parents=True, exist_ok=True)
     rows = earlier_rows("cpu", args.lessons)
@@ -139,7 +143,8 @@ def main():
         count = args.num_samples or NUM_SAMPLES[key]
         argv = ([part.format(runs=args.runs) for part in template] + ["--out", str(out), "--num-samples", str(count)]
                 + args.extra.split())
-        row = {"run": key, "command": "python " + " ".join(template).replace("{runs}", "outputs")}
+        row = {"run": key, "command": "python " + " ".join(template).replace("{runs}", "outputs")
+               + f" --num-samples {count}"}
         if not args.reuse:
             print(f"running {' '.join(argv)}", flush=True)
             seconds, peak = run_lesson(argv, args.runs / f"{key}.log")

@@ -35,7 +35,8 @@ COMMON = {"--width": ["2", "4", "6", "8", "10", "12", "16", "24"], "--batch-size
           "--sample-batch-size": ["1", "2", "64"], "--dataset": ["FOLDER", "FLAT"], "--image-size": ["8", "12", "16", "30"],
           "--channels": ["1", "3"]}
 FLAGS = {
-    "01_ddpm_toy.py": {**COMMON, "--width": ["8", "16", "24"], "--lr": ["1e-4", "2e-3"]},
+    "01_ddpm_toy.py": {**COMMON, "--width": ["8", "16", "24"], "--lr": ["1e-4", "2e-3"],
+                       "--snr-gamma": ["0", "5", "1e6"]},
     "02_ddpm.py": {**COMMON, "--channel-mults": ["1,2", "1,2,4", "1,3", "2,2", "1,2,2,2"],
                    "--schedule": ["cosine", "linear"], "--prediction": ["eps", "v"], "--dropout": ["0", "0.3"],
                    "--num-res-blocks": ["1", "2"], "--variance": ["beta", "posterior"], "--no-clip-x0": [None],

@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BUGS = [
     ("01 forward noise without sqrt", "01_ddpm_toy.py", "(1.0 - alpha_bar_t).sqrt() * eps", "(1.0 - alpha_bar_t) * eps",
      ["tests/test_lesson01_math.py"]),
-    ("01 sigma_t = beta_t, no sqrt", "01_ddpm_toy.py", "math.sqrt(betas[t]) * torch.randn", "betas[t] * torch.randn",
-     ["tests/test_lesson01_math.py"]),
+    ("01 sigma_t^2 = beta_tilde_t, no sqrt", "01_ddpm_toy.py", "math.sqrt(posterior_variance) * torch.randn",
+     "posterior_variance * torch.randn", ["tests/test_lesson01_math.py"]),
+    ("01 min-SNR weight not divided by SNR", "01_ddpm_toy.py", "snr_t.clamp(max=snr_gamma) / snr_t * per_image",
+     "snr_t.clamp(max=snr_gamma) * per_image", ["tests/test_lesson01_math.py"]),
     ("01 Eq. 11 coefficient without sqrt", "01_ddpm_toy.py", "betas[t] / math.sqrt(1.0 - alpha_bars[t])",
      "betas[t] / (1.0 - alpha_bars[t])", ["tests/test_lesson01_math.py"]),
     ("02 posterior variance = beta_t", "02_ddpm.py", '"posterior_variances": (1 - alpha_bars_prev) / (1 - alpha_bars) * betas',

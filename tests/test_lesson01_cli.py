@@ -173,6 +173,28 @@ def test_resume_with_another_architecture_is_refused(lesson01, tiny_data_dir, tm
     assert code == 1
     assert "was trained with --timesteps 50; it cannot be used with --timesteps 100" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
+    code = run_main(lesson01, ["--resume", "--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "4",
+                               *TINY, "--snr-gamma", "0"])  # another loss
+    assert code == 1
+    assert "was trained with snr_gamma=5.0, this run has snr_gamma=0.0" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_snr_gamma_reaches_the_loss_and_the_checkpoint_and_old_checkpoints_resume_with_the_plain_loss(
+        lesson01, tiny_data_dir, tmp_path, monkeypatch, float32_on_device):
+    used = []
+    loss_fn = lesson01.loss_fn
+    monkeypatch.setattr(lesson01, "loss_fn", lambda *args: used.append(args[4]) or loss_fn(*args))
+    out = tmp_path / "out"
+    lesson01.main(["--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "2", *TINY, "--snr-gamma", "0"])
+    assert used == [0.0, 0.0]
+    checkpoint = load_checkpoint(out / "checkpoint.pt", "01_ddpm_toy")
+    assert checkpoint["config"]["snr_gamma"] == 0.0
+    del checkpoint["config"]["snr_gamma"]  # as saved before --snr-gamma existed: trained with the plain loss
+    torch.save(checkpoint, out / "checkpoint.pt")
+    lesson01.main(["--resume", "--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "3", *TINY,
+                   "--snr-gamma", "0"])
+    assert used == [0.0, 0.0, 0.0]
 
 
 def test_help_lists_every_flag(lesson01, capsys):
@@ -181,6 +203,6 @@ def test_help_lists_every_flag(lesson01, capsys):
     text = capsys.readouterr().out
     for flag in ["--dataset", "--data-dir", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
                  "--device", "--out", "--num-samples", "--resume", "--sample-only", "--checkpoint", "--width",
-                 "--timesteps"]:
+                 "--timesteps", "--snr-gamma"]:
         assert flag in text
     assert "paper: 2e-4" in text

@@ -126,8 +126,8 @@ def test_latent_ddim_noise_is_eq_16(lesson05, eta):
     alpha_bars = lesson05.make_schedule("cpu")["alpha_bars"]
     z_T = torch.zeros(20000, 1, 1, 1)
     z0, _ = lesson05.ddim_sample(lambda z, t: torch.zeros_like(z), alpha_bars, z_T, 2, eta,
-                                 torch.Generator().manual_seed(0))
-    low, high = lesson05.timestep_sequence(2)
+                                 torch.Generator().manual_seed(0), spacing="trailing")
+    low, high = lesson05.timestep_sequence(2, "trailing")
     assert (low, high) == (499, 999)
     alpha_bar_t, alpha_bar_prev = alpha_bars[high].double().item(), alpha_bars[low].double().item()
     sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
@@ -148,11 +148,36 @@ def test_latent_ddim_from_T_minus_1_is_unbiased(lesson05):
         return (z_t - alpha_bar ** 0.5 * ideal_x0(z_t, alpha_bar, reference)) / (1 - alpha_bar) ** 0.5
 
     z_T = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert lesson05.timestep_sequence(50)[-1] == 999 and lesson05.timestep_sequence(50, "leading")[-1] == 980
+    assert lesson05.timestep_sequence(50, "trailing")[-1] == 999 and lesson05.timestep_sequence(50)[-1] == 980
     for steps in (10, 50):
         low = {spacing: (lesson05.ddim_sample(model, alpha_bars, z_T, steps, spacing=spacing)[0].flatten(1).mean(1)
                          < -0.25).float().mean().item() for spacing in ("trailing", "leading")}
         assert abs(low["trailing"] - 0.5) < 0.035 and low["leading"] < 0.45, (steps, low)
+
+
+def test_default_spacing_survives_a_one_percent_error_in_the_predicted_noise(lesson05):
+    """The exact denoiser of two equally likely latents (-1, 0.5), with 0.01 added to its eps: at t = T - 1 the
+    cosine schedule's sqrt(alpha_bar) is 5e-5, so trailing spacing turns that error into an offset of 200 in
+    z0_pred and sends nearly every sample to one latent (and the trained default model drew decoded noise).
+    The default spacing must still draw both, about equally often, at the default 200 steps with eta = 1."""
+    from utils.visualize import ideal_x0
+    alpha_bars = lesson05.make_schedule("cpu")["alpha_bars"]
+    constants = alpha_bars.tolist()
+    reference = torch.stack([torch.full((4, 7, 7), -1.0), torch.full((4, 7, 7), 0.5)])
+
+    def model(z_t, t):
+        alpha_bar = constants[int(t[0])]
+        return (z_t - alpha_bar ** 0.5 * ideal_x0(z_t, alpha_bar, reference)) / (1 - alpha_bar) ** 0.5 + 0.01
+
+    def share_low(**spacing):
+        z_T = torch.randn(500, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+        z0, _ = lesson05.ddim_sample(model, alpha_bars, z_T, lesson05.DEFAULT_STEPS, 1.0,
+                                     torch.Generator().manual_seed(1), **spacing)
+        return (z0.flatten(1).mean(1) < -0.25).float().mean().item()
+
+    default, trailing = share_low(), share_low(spacing="trailing")
+    assert 0.25 < default < 0.75, default  # measured: 0.658
+    assert min(trailing, 1 - trailing) < 0.05, trailing  # measured: 0.992 at the low latent; what the default avoids
 
 
 @pytest.fixture
