@@ -209,7 +209,8 @@ def loss_fn(model, x0, schedule, generator, snr_gamma=SNR_GAMMA):
     # SNR_t = alpha_bar_t / (1 - alpha_bar_t) is high the image is almost clean, and learning to remove its last
     # bit of noise competes with the noisy steps that draw the shapes. min(SNR_t, gamma) / SNR_t turns down
     # the steps with SNR_t > gamma and leaves the others at 1; with gamma = 5 and T = 1000 that is t < 130,
-    # and t = 0 by a factor of 2000. Here it gave better samples in the same minutes (README "Lesson 01's recipe").
+    # and t = 0 by a factor of 2000. Here it lowered the FD of the samples by 15% in the same training steps
+    # (README "Lesson 01's recipe").
     alpha_bar_t = schedule["alpha_bars"][t]  # [B]
     snr_t = alpha_bar_t / (1.0 - alpha_bar_t)
     return (snr_t.clamp(max=snr_gamma) / snr_t * per_image).mean()
