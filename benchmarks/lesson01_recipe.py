@@ -5,10 +5,10 @@
     python benchmarks/lesson01_recipe.py --name ema --ema 0.998           # one change on top of batch 128
     python benchmarks/lesson01_recipe.py --name old --checkpoint outputs/01_ddpm_toy/checkpoint.pt --variance both
 
-Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, add_noise,
+Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, loss_fn,
 learning_rate, EpochOrder's data order) and one change at a time: batch size and steps, peak learning
 rate, an EMA of the weights (lesson 02's EMA: decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting
-(Hang et al. 2023, arXiv:2303.09556: each image's noise MSE times min(SNR_t, gamma) / SNR_t), then draws
+(Hang et al. 2023, arXiv:2303.09556: lesson 01's loss_fn with snr_gamma = --min-snr), then draws
 --samples images with DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t or the posterior variance
 beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
 utils.metrics (FD minus the real-data floor at the same count). Appends one JSON line per variance to
@@ -33,12 +33,6 @@ lesson02 = load_lesson("02_ddpm.py")  # its EMA, as lesson 02 teaches it
 SAMPLE_SEED = 1234  # the starting noises of every variant
 
 
-def min_snr_weights(snr, gamma):
-    """Min-SNR-gamma weights of the eps-prediction loss (Hang et al. 2023, arXiv:2303.09556): min(SNR_t, gamma) / SNR_t,
-    snr [B] -> [B]; 1 where SNR_t <= gamma (noisy steps), gamma / SNR_t below 1 where the image is nearly clean."""
-    return torch.clamp(snr, max=gamma) / snr
-
-
 def train(args, images, schedule):
     """Lesson 01's training loop with the variant's changes; returns the model to sample (the EMA if any)."""
     model = lesson01.TinyUNet(1, args.width)
@@ -46,25 +40,19 @@ def train(args, images, schedule):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     order = EpochOrder(len(images), args.batch_size, len(images) // args.batch_size, args.seed)
-    alpha_bars = schedule["alpha_bars"]
-    snr = alpha_bars / (1 - alpha_bars)  # signal-to-noise ratio of x_t
     started, losses = time.perf_counter(), []
     for step in range(args.steps):
         x0 = images[order.batch(step)]
         lesson01.set_learning_rate(optimizer, lesson01.learning_rate(step, args.steps, args.lr))
-        t = torch.randint(0, len(alpha_bars), (x0.shape[0],), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        per_image = ((model(lesson01.add_noise(x0, t, eps, schedule), t) - eps) ** 2).mean(dim=(1, 2, 3))
-        weights = min_snr_weights(snr[t], args.min_snr) if args.min_snr else 1.0
-        loss = (weights * per_image).mean()
+        loss = lesson01.loss_fn(model, x0, schedule, generator, args.min_snr)  # min-SNR weighted unless 0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if ema is not None:
             ema.update(model, step)
-        losses.append(per_image.mean().item())
+        losses.append(loss.item())
         if step % 500 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {sum(losses[-500:]) / len(losses[-500:]):.4f}, "
+            print(f"step {step}: loss (weighted if --min-snr) {sum(losses[-500:]) / len(losses[-500:]):.4f}, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
     return (ema.model if ema is not None else model), (time.perf_counter() - started) / 60
 
