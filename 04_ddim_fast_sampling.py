@@ -187,7 +187,7 @@ def timestep_sequence(steps, spacing="trailing", alpha_bars=None):
     """The timesteps tau_1 < ... < tau_S the sampler visits, an increasing list of `steps` distinct 0-based t;
     sampling walks it from the end and its last step lands on the clean image. Names as diffusers' timestep_spacing:
       trailing  T-1, T-1-T/S, ...: the first step starts from the last training timestep, where x_T is noise
-                (Lin et al. 2024, arXiv:2305.08891, Section 3.4);
+                (Lin et al. 2024, arXiv:2305.08891, Table 2);
       leading   0, T//S, 2T//S, ... (DDIM Section 4.2, floor(c i)): starts at T - T/S, where on the cosine
                 schedule x_t still holds signal (alpha_bar = 0.00088 at t = 980), yet x_T is drawn as pure noise;
       linspace  round(i (T-1) / (S-1)), from 0 to T-1;

@@ -290,7 +290,7 @@ def loss_fn(model, z0, alpha_bars, generator):
 
 def timestep_sequence(steps, spacing=DEFAULT_SPACING, alpha_bars=None):
     """Lesson 04's timesteps tau_1 < ... < tau_S, named as diffusers' timestep_spacing: trailing ends at T-1, where
-    z_T is pure noise (Lin et al. 2024, arXiv:2305.08891, Section 3.4); leading is the DDIM paper's 0, T//S, ...,
+    z_T is pure noise (Lin et al. 2024, arXiv:2305.08891, Table 2); leading is the DDIM paper's 0, T//S, ...,
     which never starts at T-1; linspace runs from 0 to T-1. (Lesson 04 adds DDIM's quadratic and DPM-Solver's
     logsnr spacings.) T is len(alpha_bars), or the module's T without them."""
     timesteps = T if alpha_bars is None else len(alpha_bars)

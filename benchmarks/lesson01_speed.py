@@ -2,10 +2,11 @@
 
     python benchmarks/lesson01_speed.py [--repeats 3] [--compile]
 
-Compares, in one run with interleaved repeats (these machines are shared and noisy, so read
-the ratios): the default against other batch sizes, a wider network, the plain loss without min-SNR
-weighting, channels_last memory layout against the default layout, and optionally torch.compile. For sampling it times DDPM steps against
-bare network calls on the same batch; the difference is the time spent outside the network.
+Compares, in one run with interleaved repeats (these machines are shared and noisy, so read the ratios):
+the default against other batch sizes, a wider network, the plain loss without min-SNR weighting, the
+default channels_last memory layout (on the CPU) against the plain one, the network on 2x2 patches that
+benchmarks/lesson01_recipe.py tried (--arch patch2), and optionally torch.compile. For sampling it times
+DDPM steps against bare network calls on the same batch; the difference is the time spent outside the network.
 Writes benchmarks/results/lesson01_speed.csv and .md, and prints the markdown table.
 """
 import argparse
@@ -15,6 +16,7 @@ import time
 import torch
 
 from common import load_lesson, write_results
+from lesson01_recipe import Patch2UNet
 from utils.runtime import pick_device
 
 lesson01 = load_lesson("01_ddpm_toy.py")
@@ -72,37 +74,41 @@ def main():
     pick_device("cpu")
     schedule = lesson01.make_schedule(torch.device("cpu"))
     gamma = lesson01.SNR_GAMMA
-    variants = [  # (name, width, batch size, channels_last, torch.compile, min-SNR gamma)
-        ("width 16, batch 64 (default)", 16, 64, False, False, gamma),
-        ("width 16, batch 64, plain loss (--snr-gamma 0)", 16, 64, False, False, 0.0),
-        ("width 16, batch 64, channels_last", 16, 64, True, False, gamma),
-        ("width 16, batch 128 (the batch before 2026-11-30)", 16, 128, False, False, gamma),
-        ("width 16, batch 32", 16, 32, False, False, gamma),
-        ("width 16, batch 32, channels_last", 16, 32, True, False, gamma),
-        ("width 32, batch 64", 32, 64, False, False, gamma)]
+    tiny, patch2 = lesson01.TinyUNet, Patch2UNet
+    variants = [  # (name, network, width, batch size, channels_last, torch.compile, min-SNR gamma)
+        ("width 16, batch 64, channels_last (default on the CPU)", tiny, 16, 64, True, False, gamma),
+        ("width 16, batch 64, without channels_last (as before 2026-11-30)", tiny, 16, 64, False, False, gamma),
+        ("width 16, batch 64, plain loss (--snr-gamma 0)", tiny, 16, 64, True, False, 0.0),
+        ("width 16, batch 128 (the batch before 2026-11-30)", tiny, 16, 128, True, False, gamma),
+        ("width 16, batch 32", tiny, 16, 32, True, False, gamma),
+        ("width 32, batch 64", tiny, 32, 64, True, False, gamma),
+        ("2x2 patches (lesson01_recipe.py --arch patch2), width 32, batch 64", patch2, 32, 64, True, False, gamma),
+        ("2x2 patches, width 32, batch 64, without channels_last", patch2, 32, 64, False, False, gamma)]
     if args.compile:
-        variants.append(("width 16, batch 64, torch.compile", 16, 64, False, True, gamma))
+        variants.append(("width 16, batch 64, channels_last, torch.compile", tiny, 16, 64, True, True, gamma))
     models = {}
-    for name, width, _, channels_last, compiled, _ in variants:
+    for name, network, width, _, channels_last, compiled, _ in variants:
         torch.manual_seed(0)
-        model = lesson01.TinyUNet(1, width)
+        model = network(1, width)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         models[name] = torch.compile(model) if compiled else model
     speeds = {name: [] for name, *_ in variants}
     for _ in range(args.repeats):  # interleaved, so that machine noise hits every variant alike
-        for name, _, batch_size, channels_last, _, snr_gamma in variants:
+        for name, _, _, batch_size, channels_last, _, snr_gamma in variants:
             speeds[name].append(train_speed(models[name], batch_size, channels_last, schedule, snr_gamma))
     baseline = statistics.median(speeds[variants[0][0]])
     rows = [{"measure": f"training: {name}", "value": f"{statistics.median(values):.0f} images/s",
              "ratio": f"{statistics.median(values) / baseline:.2f}"} for name, values in speeds.items()]
-    per_step, per_call = sampling_split(models[variants[0][0]], schedule, 64)
-    rows += [{"measure": "sampling: one DDPM step, batch 64, width 16", "value": f"{per_step * 1000:.1f} ms",
-              "ratio": ""},
-             {"measure": "sampling: 1000 steps (T) for 64 images, estimated", "value": f"{per_step * 1000:.1f} s",
-              "ratio": ""},
-             {"measure": "sampling: share of step time outside the network", "value":
-              f"{max(0.0, 1 - per_call / per_step) * 100:.1f} %", "ratio": ""}]
+    for label, name in (("default", variants[0][0]), ("without channels_last", variants[1][0]),
+                        ("2x2 patches", variants[6][0])):
+        per_step, per_call = sampling_split(models[name], schedule, 64)
+        rows += [{"measure": f"sampling, {label}: one DDPM step, batch 64", "value": f"{per_step * 1000:.1f} ms",
+                  "ratio": ""},
+                 {"measure": f"sampling, {label}: 1000 steps (T) for 64 images, estimated",
+                  "value": f"{per_step * 1000:.1f} s", "ratio": ""},
+                 {"measure": f"sampling, {label}: share of step time outside the network", "value":
+                  f"{max(0.0, 1 - per_call / per_step) * 100:.1f} %", "ratio": ""}]
     command = "python benchmarks/lesson01_speed.py" + (" --compile" if args.compile else "")
     write_results(rows, "lesson01_speed",
                   f"Measured with `{command}` ({torch.get_num_threads()} threads, torch {torch.__version__}).")

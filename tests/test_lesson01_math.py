@@ -79,6 +79,20 @@ def test_network_output_shape_matches_input(lesson01, channels, size):
     assert model(x, torch.tensor([0, 500, 999])).shape == x.shape
 
 
+def test_the_cpu_model_is_channels_last_and_computes_what_the_plain_layout_computes(lesson01):
+    # build_model stores the CPU's model channels-last for speed: the same network, the same numbers, and
+    # weights that load into a plain TinyUNet (the checkpoint is layout-free).
+    torch.manual_seed(0)
+    model = lesson01.build_model({"channels": 3, "width": 8}, torch.device("cpu"))
+    assert model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.stem.weight.is_contiguous()
+    plain = lesson01.TinyUNet(3, width=8)
+    plain.load_state_dict(model.state_dict())
+    assert plain.stem.weight.is_contiguous()
+    x, t = torch.randn(4, 3, 28, 28), torch.tensor([0, 10, 500, 999])
+    assert torch.allclose(model(x, t), plain(x, t), atol=1e-5)
+
+
 def test_network_output_depends_on_timestep(lesson01):
     torch.manual_seed(0)
     model = lesson01.TinyUNet(1, width=8)
