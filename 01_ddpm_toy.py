@@ -12,10 +12,9 @@ New here:
 Left out, added later: EMA, full ResNet blocks with dropout, attention, cosine schedule (lesson 02); class
 guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
 
-CPU:  python 01_ddpm_toy.py    trained in 11.5 min (432 images/s) on a 2-core AMD EPYC VM on 2026-11-30 (this
-      recipe, run by benchmarks/quality.py with --num-samples 1000: it then sampled 1000 images in 727.4 s);
-      the recipe before (batch 128, lr 2e-3, plain loss) ran 9.2 min (8.5 train + 0.5 sample) and, on a
-      slower day, 15.6 min (14.5 train + 0.9 sample; benchmarks/quality.py on 2026-11-23)
+CPU:  python 01_ddpm_toy.py    9.1 min on a 2-core AMD EPYC VM on 2026-11-30 (8.4 train at ~690 images/s + 32 s
+      sampling 64 images; lesson 01's model timed at 630-670 images/s by GETTING_STARTED beside it); the same VM
+      ran 1.8x slower on other hours of that day (README "Speed on the CPU")
 GPU:  python 01_ddpm_toy.py --device cuda --epochs 40 --width 32 --batch-size 128 --lr 2e-3 --snr-gamma 0
       3.7 min on one H100 (3.4 train + 2 s sample), with the training recipe before batch 64, lr 4e-3 and
       min-SNR (these three flags restore it); today's recipe is not measured on a GPU
