@@ -12,7 +12,7 @@ New here:
 Left out, added later: EMA, full ResNet blocks with dropout, attention, cosine schedule (lesson 02); class
 guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
 
-CPU:  python 01_ddpm_toy.py    9.1 min on a 2-core AMD EPYC VM on 2026-11-30 (8.4 train at ~690 images/s + 32 s
+CPU:  python 01_ddpm_toy.py    9.1 min on a 2-core AMD EPYC VM on 2026-11-30 (8.4 train at ~710 images/s + 32 s
       sampling 64 images; lesson 01's model timed at 630-670 images/s by GETTING_STARTED beside it); the same VM
       ran 1.8x slower on other hours of that day (README "Speed on the CPU")
 GPU:  python 01_ddpm_toy.py --device cuda --epochs 40 --width 32 --batch-size 128 --lr 2e-3 --snr-gamma 0
@@ -350,8 +350,9 @@ def build_model(config, device):
     model = TinyUNet(config["channels"], config["width"]).to(device)
     if device.type == "cpu":
         # The same network and arithmetic, its tensors stored with each pixel's channels side by side (NHWC,
-        # "channels_last"): this CPU's convolutions ran 1.1-1.2x as fast on it, which pays for most of the sixth
-        # epoch (README "Lesson 01's recipe"). Not measured on GPUs, so they keep the default layout.
+        # "channels_last"): the development VM's 2-core CPU ran its convolutions 1.1-1.2x as fast on it, which
+        # pays for most of the sixth epoch (README "Lesson 01's recipe"). Not measured on GPUs: they keep the
+        # default layout.
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -77,7 +77,7 @@ def main():
     tiny, patch2 = lesson01.TinyUNet, Patch2UNet
     variants = [  # (name, network, width, batch size, channels_last, torch.compile, min-SNR gamma)
         ("width 16, batch 64, channels_last (default on the CPU)", tiny, 16, 64, True, False, gamma),
-        ("width 16, batch 64, without channels_last (as before 2026-11-30)", tiny, 16, 64, False, False, gamma),
+        ("width 16, batch 64, without channels_last (the layout before this change)", tiny, 16, 64, False, False, gamma),
         ("width 16, batch 64, plain loss (--snr-gamma 0)", tiny, 16, 64, True, False, 0.0),
         ("width 16, batch 128 (the batch before 2026-11-30)", tiny, 16, 128, True, False, gamma),
         ("width 16, batch 32", tiny, 16, 32, True, False, gamma),

@@ -40,7 +40,7 @@ LESSONS = {  # the README's default command of each lesson, without --out
 LESSON_NAMES = {key: Path(argv[0]).stem for key, argv in LESSONS.items()}
 # --num-samples of each lesson's run: 1000 where sampling is fast enough; 256 for the 1000-step DDPM samplers of
 # lessons 02 and 03 (1000 of lesson 03's guided images would take over an hour on 2 CPU cores). Lesson 01 is a
-# 1000-step sampler too, but its small network draws 1000 in about 11 minutes.
+# 1000-step sampler too, but its small network draws 1000 in 7 to 12 minutes.
 NUM_SAMPLES = {"01": 1000, "02": 256, "03": 256, "04": 1000, "05": 1000}
 FIELDS = ("run", "command", "wall_min", "peak_rss_gib", "train_images_per_s", "final_loss", "samples",
           "fd", "fd_real_floor", "class_accuracy", "class_entropy_bits")

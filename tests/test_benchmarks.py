@@ -90,6 +90,9 @@ def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_passes_min_snr_t
     assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), averaged.state_dict().values()))
     Args.ema, Args.channels_last = 0.0, True  # another memory layout, the same arithmetic: the same network after
     laid_out = train()  # training (its weights may differ where GroupNorm cancels them: Adam scales up rounding there)
+    weight = laid_out.down1.conv1.weight  # [8, 8, 3, 3]: the two layouts differ (not for the 1-channel stem)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert plain.down1.conv1.weight.is_contiguous()
     x, t = torch.rand(3, 1, 28, 28) * 2 - 1, torch.tensor([5, 20, 39])
     assert torch.allclose(plain(x, t), laid_out(x, t), atol=1e-4)
     assert not torch.allclose(plain(x, t), weighted(x, t), atol=1e-4)

@@ -180,6 +180,24 @@ def test_resume_with_another_architecture_is_refused(lesson01, tiny_data_dir, tm
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_training_and_sampling_use_the_cpus_channels_last_model_and_six_epochs_by_default(
+        lesson01, tiny_data_dir, tmp_path, monkeypatch, float32_on_device):
+    assert lesson01.parse_args([]).epochs == 6  # what the README's and the docstring's times were measured with
+    layouts = []
+    build_model = lesson01.build_model
+
+    def recording(config, device):
+        model = build_model(config, device)
+        weight = model.down1.conv1.weight  # [w, w, 3, 3]: not the 1-channel stem, whose two layouts coincide
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+        return model
+    monkeypatch.setattr(lesson01, "build_model", recording)
+    out = tmp_path / "out"
+    lesson01.main(["--data-dir", str(tiny_data_dir), "--out", str(out), "--max-steps", "2", "--device", "cpu", *TINY])
+    lesson01.main(["--sample-only", "--out", str(out), "--num-samples", "2", "--device", "cpu"])
+    assert layouts == [True, True]
+
+
 def test_snr_gamma_reaches_the_loss_and_the_checkpoint_and_old_checkpoints_resume_with_the_plain_loss(
         lesson01, tiny_data_dir, tmp_path, monkeypatch, float32_on_device):
     used = []
