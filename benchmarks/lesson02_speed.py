@@ -89,6 +89,7 @@ def main():
     steps = args.steps or (8 if device.type == "cpu" else 50)
     # name, channels, size, width, mults, blocks, batch, precision
     specs = [("default: width 16, mults 1,2,4, 28x28", 1, 28, 16, (1, 2, 4), 1, 128, "fp32"),
+             ("default at batch 64", 1, 28, 16, (1, 2, 4), 1, 64, "fp32"),
              ("width 16, mults 1,2,2, 28x28", 1, 28, 16, (1, 2, 2), 1, 128, "fp32"),
              ("width 32, mults 1,2,2, 28x28", 1, 28, 32, (1, 2, 2), 1, 128, "fp32")]
     if device.type == "cuda":

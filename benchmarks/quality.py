@@ -18,6 +18,7 @@ measured; rows of lessons not run this time are kept from the last results file.
 import argparse
 import csv
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -116,7 +117,7 @@ def write(rows, device):
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(key, "")) for key in FIELDS) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + f"\n\nLast command: python benchmarks/quality.py "
-                                       f"{' '.join(sys.argv[1:])}\n")
+                                       f"{shlex.join(sys.argv[1:])}\n")
     print(f"wrote {stem.with_suffix('.md')}", flush=True)
 
 
@@ -134,7 +135,7 @@ def main():
     args = parser.parse_args()
     if args.guidance_samples < 0:
         parser.error(f"--guidance-samples must be 0 or more, got {args.guidance_samples}")
-    print(f"command: python benchmarks/quality.py {' '.join(sys.argv[1:])}", flush=True)
+    print(f"command: python benchmarks/quality.py {shlex.join(sys.argv[1:])}", flush=True)
     args.runs.mkdir(parents=True, exist_ok=True)
     rows = earlier_rows("cpu", args.lessons)
     for key in args.lessons:
@@ -144,7 +145,7 @@ def main():
         argv = ([part.format(runs=args.runs) for part in template] + ["--out", str(out), "--num-samples", str(count)]
                 + args.extra.split())
         row = {"run": key, "command": "python " + " ".join(template).replace("{runs}", "outputs")
-               + f" --num-samples {count}"}
+               + f" --num-samples {count}" + (f" {args.extra}" if args.extra else "")}
         if not args.reuse:
             print(f"running {' '.join(argv)}", flush=True)
             seconds, peak = run_lesson(argv, args.runs / f"{key}.log")

@@ -114,3 +114,26 @@ def test_lesson01_recipes_network_on_patches_sees_every_pixel_and_has_the_parame
     assert out.shape == x.shape
     out[0, 0, 27, 27].backward()
     assert (x.grad != 0).all()
+
+
+def test_lesson01_recipes_middle_networks_add_one_module_at_7x7_to_tinyunet():
+    """--arch attn7 and block7 are TinyUNet plus one module at 7x7 (lesson 02's SelfAttention, or a second Block):
+    with TinyUNet's weights and the attention's zero-initialised output they compute TinyUNet's function exactly,
+    the added module is on the path (changing its weights changes the output), and the parameter counts are the
+    README's."""
+    recipe = load_benchmark("lesson01_recipe")
+    torch.manual_seed(0)
+    tiny = recipe.lesson01.TinyUNet(1, 16).eval()
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 900])
+    counts = {"attn7": 163_105, "block7": 224_609}
+    for name, count in counts.items():
+        middle = recipe.ARCHITECTURES[name](1, 16).eval()
+        assert sum(p.numel() for p in middle.parameters()) == count
+        missing, unexpected = middle.load_state_dict(tiny.state_dict(), strict=False)
+        assert not unexpected and missing and all(key.startswith("extra.") for key in missing)
+        with torch.no_grad():
+            if name == "attn7":
+                assert torch.allclose(middle(x, t), tiny(x, t), atol=1e-6)  # the attention starts as the identity
+            for parameter in middle.extra.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+            assert (middle(x, t) - tiny(x, t)).abs().max() > 1e-3
