@@ -5,6 +5,8 @@
         --channels-last                                                   # the default since 2026-11-30: 6 epochs
     python benchmarks/lesson01_recipe.py --name patch --arch patch2 --width 32 --batch-size 64 --steps 7500 \
         --lr 4e-3 --min-snr 5                                             # a network on 2x2 patches
+    python benchmarks/lesson01_recipe.py --name attn --arch attn7 --batch-size 64 --steps 5400 --lr 4e-3 \
+        --min-snr 5 --channels-last                                       # self-attention at 7x7
     python benchmarks/lesson01_recipe.py --name ema --ema 0.998           # one change on top of batch 128
     python benchmarks/lesson01_recipe.py --name old --checkpoint outputs/01_ddpm_toy/checkpoint.pt --variance both
 

@@ -133,8 +133,9 @@ def main():
                         help="images each lesson samples and is scored on (default: NUM_SAMPLES, 1000 or 256)")
     parser.add_argument("--extra", default="", help="flags added to every lesson command (for a quick check)")
     args = parser.parse_args()
-    if args.guidance_samples < 0:
-        parser.error(f"--guidance-samples must be 0 or more, got {args.guidance_samples}")
+    if args.guidance_samples < 0 or args.guidance_samples % 10:
+        parser.error(f"--guidance-samples must be 0 or a positive multiple of 10 (the same number of each class), "
+                     f"got {args.guidance_samples}")
     print(f"command: python benchmarks/quality.py {shlex.join(sys.argv[1:])}", flush=True)
     args.runs.mkdir(parents=True, exist_ok=True)
     rows = earlier_rows("cpu", args.lessons)
@@ -150,6 +151,8 @@ def main():
             print(f"running {' '.join(argv)}", flush=True)
             seconds, peak = run_lesson(argv, args.runs / f"{key}.log")
             row.update(wall_min=f"{seconds / 60:.1f}", peak_rss_gib=f"{peak:.2f}")
+        if not (out / "samples.npz").is_file():
+            raise SystemExit(f"no {out / 'samples.npz'} to score: run this lesson without --reuse first")
         last = last_metrics_row(out)
         row.update(train_images_per_s=last.get("images_per_s", ""), final_loss=last.get("loss", ""))
         arrays = np.load(out / "samples.npz")

@@ -137,3 +137,15 @@ def test_lesson01_recipes_middle_networks_add_one_module_at_7x7_to_tinyunet():
             for parameter in middle.extra.parameters():
                 parameter.add_(0.1 * torch.randn_like(parameter))
             assert (middle(x, t) - tiny(x, t)).abs().max() > 1e-3
+
+
+def test_quality_refuses_an_unbalanced_guidance_sweep_and_a_reuse_with_nothing_to_score(tmp_path):
+    """--guidance-samples draws the same number of each of 10 classes, so it must be a multiple of 10; --reuse
+    scores runs already made, and says which one is missing instead of a traceback."""
+    import subprocess
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--runs", str(tmp_path)]
+    refused = subprocess.run(command + ["--guidance-samples", "25"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "multiple of 10" in refused.stderr and "25" in refused.stderr
+    missing = subprocess.run(command + ["--lessons", "01", "--reuse"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"no {tmp_path / '01_ddpm_toy' / 'samples.npz'} to score" in missing.stderr
