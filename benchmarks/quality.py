@@ -12,8 +12,9 @@ the same sample count (the Frechet distance of as many real training images). Pe
 process's maximum resident set size. Lesson 04 samples lesson 02's checkpoint, so it needs lesson 02's run.
 For lesson 03 it also sweeps the guidance strength w on the trained model: the same starting noises and
 labels at every w, class accuracy (the classifier's agreement with the requested label) and distance.
-Writes benchmarks/results/quality_<device>.csv and .md after every lesson, so a stopped run keeps what it
-measured; rows of lessons not run this time are kept from the last results file.
+Writes benchmarks/results/quality_cpu.csv and .md (quality_TAG with --results-tag TAG, for a recipe candidate)
+after every lesson, so a stopped run keeps what it measured; rows of lessons not run this time are kept from the
+last results file of that tag.
 """
 import argparse
 import csv
@@ -94,19 +95,19 @@ def guidance_sweep(run_dir, weights, count, seed):
     return rows
 
 
-def earlier_rows(device, lessons):
+def earlier_rows(tag, lessons):
     """Rows of the last results file for lessons this run does not measure again (results accumulate)."""
-    path = RESULTS / f"quality_{device}.csv"
+    path = RESULTS / f"quality_{tag}.csv"
     if not path.exists():
         return []
     with open(path, newline="") as file:
         return [row for row in csv.DictReader(file) if row["run"][:2] not in lessons]
 
 
-def write(rows, device):
+def write(rows, tag):
     rows = sorted(rows, key=lambda row: row["run"][:2])  # stable: a lesson's sweep stays after its own row
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"quality_{device}"
+    stem = RESULTS / f"quality_{tag}"
     with open(stem.with_suffix(".csv"), "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=FIELDS)
         writer.writeheader()
@@ -131,14 +132,17 @@ def main():
                         help="images per w (a multiple of 10; 0: no sweep)")
     parser.add_argument("--num-samples", type=positive_int, default=None,
                         help="images each lesson samples and is scored on (default: NUM_SAMPLES, 1000 or 256)")
-    parser.add_argument("--extra", default="", help="flags added to every lesson command (for a quick check)")
+    parser.add_argument("--extra", default="", help="flags added to every lesson command (a quick check, or a recipe "
+                                                    "candidate: then give it its own --results-tag)")
+    parser.add_argument("--results-tag", default="cpu", help="results go to benchmarks/results/quality_TAG.csv and .md "
+                                                             "(default cpu: the default runs' table)")
     args = parser.parse_args()
     if args.guidance_samples < 0 or args.guidance_samples % 10:
         parser.error(f"--guidance-samples must be 0 or a positive multiple of 10 (the same number of each class), "
                      f"got {args.guidance_samples}")
     print(f"command: python benchmarks/quality.py {shlex.join(sys.argv[1:])}", flush=True)
     args.runs.mkdir(parents=True, exist_ok=True)
-    rows = earlier_rows("cpu", args.lessons)
+    rows = earlier_rows(args.results_tag, args.lessons)
     for key in args.lessons:
         template = LESSONS[key]
         out = args.runs / Path(template[0]).stem
@@ -164,11 +168,11 @@ def main():
                    class_accuracy=result.get("class_accuracy", ""), class_entropy_bits=result["class_entropy_bits"])
         rows.append(row)
         print(row, flush=True)
-        write(rows, "cpu")
+        write(rows, args.results_tag)
         if key == "03" and args.guidance_samples:
             weights = [float(w) for w in args.guidance.split(",")]
             rows += guidance_sweep(out, weights, args.guidance_samples, seed=0)
-            write(rows, "cpu")
+            write(rows, args.results_tag)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ floor_balance.py's class-balanced draws."""
 import csv
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -38,6 +39,11 @@ def test_results_accumulate_across_runs_and_stay_in_lesson_order(tmp_path, monke
     assert table[0].startswith("| run | command |") and len(table[0].split("|")) == len(quality.FIELDS) + 2
     assert [line.split("|")[1].strip() for line in table[2:7]] == ["01", "03", "03, w = 0", "03, w = 4", "05"]
     assert table[-1] == "Last command: python benchmarks/quality.py --lessons 01 03"
+
+    # A recipe candidate under its own --results-tag: its own file, the default runs' table untouched.
+    quality.write([row("02", "40")], "cpu_candidate")
+    assert [r["run"] for r in quality.earlier_rows("cpu_candidate", [])] == ["02"]
+    assert [r["run"] for r in quality.earlier_rows("cpu", [])] == ["01", "03", "03, w = 0", "03, w = 4", "05"]
 
 
 def test_every_lesson_has_a_readme_command_and_lesson_04_samples_lesson_02s_model():
@@ -139,13 +145,19 @@ def test_lesson01_recipes_middle_networks_add_one_module_at_7x7_to_tinyunet():
             assert (middle(x, t) - tiny(x, t)).abs().max() > 1e-3
 
 
-def test_quality_refuses_an_unbalanced_guidance_sweep_and_a_reuse_with_nothing_to_score(tmp_path):
+def test_quality_refuses_an_unbalanced_guidance_sweep_and_a_reuse_with_nothing_to_score(tmp_path, monkeypatch, capsys):
     """--guidance-samples draws the same number of each of 10 classes, so it must be a multiple of 10; --reuse
-    scores runs already made, and says which one is missing instead of a traceback."""
-    import subprocess
-    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--runs", str(tmp_path)]
-    refused = subprocess.run(command + ["--guidance-samples", "25"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "multiple of 10" in refused.stderr and "25" in refused.stderr
-    missing = subprocess.run(command + ["--lessons", "01", "--reuse"], capture_output=True, text=True)
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert f"no {tmp_path / '01_ddpm_toy' / 'samples.npz'} to score" in missing.stderr
+    scores runs already made, and says which one is missing (one line, no traceback); neither writes results."""
+    quality = load_benchmark("quality")
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    command = ["quality.py", "--runs", str(tmp_path / "runs"), "--results-tag", "test"]
+    monkeypatch.setattr(sys, "argv", command + ["--guidance-samples", "25"])
+    with pytest.raises(SystemExit) as refused:
+        quality.main()
+    assert refused.value.code == 2 and "multiple of 10, got 25" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", command + ["--lessons", "01", "--reuse"])
+    with pytest.raises(SystemExit) as missing:
+        quality.main()
+    assert missing.value.code == f"no {tmp_path / 'runs' / '01_ddpm_toy' / 'samples.npz'} to score: run this lesson " \
+                                 "without --reuse first"
+    assert not (tmp_path / "results").exists()
