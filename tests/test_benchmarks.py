@@ -154,7 +154,8 @@ def test_quality_refuses_an_unbalanced_guidance_sweep_and_a_reuse_with_nothing_t
     monkeypatch.setattr(sys, "argv", command + ["--guidance-samples", "25"])
     with pytest.raises(SystemExit) as refused:
         quality.main()
-    assert refused.value.code == 2 and "multiple of 10, got 25" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and "a positive multiple of 10" in error and error.rstrip().endswith("got 25")
     monkeypatch.setattr(sys, "argv", command + ["--lessons", "01", "--reuse"])
     with pytest.raises(SystemExit) as missing:
         quality.main()
