@@ -41,9 +41,9 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, in_batches, load_checkpoint, mean_over_processes, pick_device, positive_float,
-    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
-    warmup_learning_rate, writable_dir,
+    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, mean_over_processes, pick_device,
+    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
+    stopped_early, warmup_learning_rate, writable_dir,
 )
 
 LESSON = "02_ddpm"
@@ -88,7 +88,8 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (paper: none)")
     parser.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this (DDPM's released code: 1)")
     parser.add_argument("--ema-decay", type=float, default=0.999,
-                        help="EMA decay of the sampling weights; averages over ~1/(1-decay) steps (paper: 0.9999)")
+                        help="EMA decay of the sampling weights; averages over ~1/(1-decay) steps (paper: 0.9999). "
+                             "The warm-up (1 + step) / (10 + step) is used while it is lower: 0.999 from step 8990 on")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
                         help="noise schedule: cosine (Nichol & Dhariwal) or linear (Ho et al.)")
     parser.add_argument("--timesteps", type=positive_int, default=None,
@@ -653,6 +654,8 @@ def train_and_sample(args, rank, world_size, device):
               f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
               f"{config['total_steps']} steps of {args.batch_size} x {world_size} process(es) = "
               f"{args.batch_size * world_size} images")
+        if note := ema_decay_note(args.ema_decay, config["total_steps"], EMA_WARMUP):
+            print(note)
     train(args, model, ema, images, schedule, config, device, rank, world_size, start)
     if rank != 0:
         return

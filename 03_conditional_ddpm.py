@@ -28,9 +28,9 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, in_batches, load_checkpoint, non_negative_float, pick_device, positive_float,
-    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
-    warmup_learning_rate, writable_dir,
+    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, non_negative_float, pick_device,
+    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
+    stopped_early, warmup_learning_rate, writable_dir,
 )
 
 LESSON = "03_conditional_ddpm"
@@ -75,7 +75,8 @@ def parse_args(argv=None):
                         "(DDPM: 2e-4; a small model in a short run learns faster at 1e-3)")
     parser.add_argument("--warmup-steps", type=int, default=200, help="steps of linear learning-rate warm-up")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights "
-                        "(DDPM: 0.9999)")
+                        "(DDPM: 0.9999); the warm-up (1 + step) / (10 + step) is used while it is lower: 0.999 from "
+                        "step 8990 on")
     parser.add_argument("--p-uncond", type=float, default=0.1,
                         help="probability of dropping a label during training (paper: 0.1 or 0.2)")
     guidance = parser.add_mutually_exclusive_group()
@@ -470,6 +471,8 @@ def main(argv=None):
     print(f"{dataset.name}: {len(dataset.images)} images {tuple(dataset.images.shape[1:])} from {dataset.source}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
           f"{config['total_steps']} steps of {args.batch_size}; labels dropped with p = {args.p_uncond}")
+    if note := ema_decay_note(args.ema_decay, config["total_steps"], EMA_WARMUP):
+        print(note)
     train(args, model, ema, dataset, schedule, config, device, start)
     paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
              visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]

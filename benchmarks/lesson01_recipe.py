@@ -74,8 +74,8 @@ class Patch2UNet(nn.Module):
 
 
 class MiddleUNet(lesson01.TinyUNet):
-    """TinyUNet with one more module at 7x7, where the whole image is 7x7 positions and its shape is decided:
-    "attn", lesson 02's SelfAttention (every position sees every other; about 4% more multiply-adds), or
+    """TinyUNet with one more module at 7x7, where the whole image is 49 positions (plausibly where its shape is
+    decided): "attn", lesson 02's SelfAttention (every position sees every other; about 4% more multiply-adds), or
     "block", a second Block (two more 3x3 convolutions: about 14% more multiply-adds, 78k more parameters)."""
 
     def __init__(self, channels=1, width=16, kind="attn"):

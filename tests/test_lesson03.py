@@ -181,6 +181,7 @@ def test_end_to_end_writes_every_output_with_labels(small_data_dir, tmp_path, le
     assert saved["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     config = load_checkpoint(out / "checkpoint.pt", "03_conditional_ddpm")["config"]
     assert config["num_classes"] == 10 and config["timesteps"] == 25  # --timesteps 25 in TINY
+    assert "note: --ema-decay 0.999 takes effect only from step 8990; in these 6 steps" in result.stdout
 
 
 def test_sample_only_one_class(small_data_dir, tmp_path, lesson03, monkeypatch, float32_on_device):

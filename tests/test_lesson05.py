@@ -207,6 +207,7 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, fl
     assert second.returncode == 0, second.stderr
     assert "reusing the trained autoencoder" in second.stdout and "cheaper" not in second.stdout
     assert "trained the diffusion model in" in second.stdout and "trained the autoencoder" not in second.stdout
+    assert "note: --ema-decay 0.999 takes effect only from step 8990; in these 4 steps" in second.stdout
     for name in ("checkpoint.pt", "samples.png", "samples.npz", "denoising.gif", "denoising.png", "loss.png",
                  "metrics.csv"):
         assert (out / name).stat().st_size > 0, name

@@ -231,3 +231,19 @@ def test_checkpoint_cadence_and_the_loop_errors(tmp_path):
     error = runtime.stopped_early(3, 10, tmp_path / "checkpoint.pt")
     assert isinstance(error, runtime.Interrupted) and error.exit_code == 130 and "--resume" in str(error)
     assert runtime.mean_over_processes([1.0, 0.0], 1, "cpu") == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("decay, warmup", [(0.999, 10), (0.9995, 10), (0.9999, 10), (0.99, 10), (0.9, 2), (0.5, 3)])
+def test_ema_decay_note_names_the_first_step_the_warmup_reaches_the_decay(decay, warmup):
+    """The EMA of lessons 02, 03 and 05 uses min(decay, (1 + n) / (warmup + n)) at step n: --ema-decay takes effect
+    from the first n where the warm-up reaches it (8990 for 0.999 and 10, by brute force here); a run that ends
+    before that gets a note naming that step and the run's length, a longer run none."""
+    from utils.runtime import ema_decay_note
+
+    first = next(n for n in range(10 ** 6) if (1 + n) / (warmup + n) >= decay)
+    assert ema_decay_note(decay, first + 1, warmup) is None  # its last step, n = first, uses the chosen decay
+    note = ema_decay_note(decay, first, warmup)  # the last step is n = first - 1: the warm-up throughout
+    assert note.startswith(f"note: --ema-decay {decay} takes effect only from step {first}; in these {first} steps")
+    assert f"up to {first / (warmup + first - 1):.4f} at the last step" in note
+    if (decay, warmup) == (0.999, 10):
+        assert first == 8990 and ema_decay_note(decay, 2340, warmup).endswith("(up to 0.9962 at the last step)")

@@ -314,6 +314,26 @@ def warmup_learning_rate(step, peak, warmup_steps):
     return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
 
 
+def ema_decay_note(decay, total_steps, warmup):
+    """A one-line note when an EMA's chosen decay never takes effect in a run, else None.
+
+    Lessons 02, 03 and 05 update their EMA with decay min(decay, (1 + n) / (warmup + n)) at 0-based step n (the
+    warm-up of DDPM's and diffusers' EMA), which reaches `decay` only from step (warmup * decay - 1) / (1 - decay)
+    on: 8990 for 0.999 with warmup 10. A shorter run averages with the warm-up's decay throughout, whatever --ema-decay
+    says, and the learner should be told. decay in [0, 1), total_steps >= 1 (steps of this run in all), warmup >= 1.
+    """
+    reached = max(0, math.ceil((warmup * decay - 1) / (1 - decay)))
+    while reached > 0 and reached / (warmup + reached - 1) >= decay:  # exact despite float rounding: the first
+        reached -= 1                                                     # step n with (1 + n) / (warmup + n) >= decay
+    while (1 + reached) / (warmup + reached) < decay:
+        reached += 1
+    if reached < total_steps:
+        return None
+    last = total_steps / (warmup + total_steps - 1)  # (1 + n) / (warmup + n) at the last step, n = total_steps - 1
+    return (f"note: --ema-decay {decay} takes effect only from step {reached}; in these {total_steps} steps the EMA's "
+            f"warm-up, (1 + step) / ({warmup} + step), sets the decay throughout (up to {last:.4f} at the last step)")
+
+
 def check_finite(loss, step, checkpoint_path, what="loss"):
     """Raise LessonError in one line when the float `loss` is inf or nan, naming the last good checkpoint."""
     if not math.isfinite(loss):
