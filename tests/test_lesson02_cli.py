@@ -51,6 +51,7 @@ def test_end_to_end_writes_every_output(tiny_data_dir, tmp_path, cli):
     assert "1 process(es) = 16 images" in result.stdout
     # the default --ema-decay 0.999 is reached from step 8990 on: 12 steps are told that the warm-up decides
     assert "note: --ema-decay 0.999 takes effect only from step 8990; in these 12 steps" in result.stdout
+    assert result.stdout.count("note: --ema-decay") == 1
 
 
 def test_cifar_shaped_data_trains_and_samples(tmp_path, lesson02, monkeypatch, float32_on_device):

@@ -1,5 +1,6 @@
 """Checkpoints, devices and argument checks shared by the lessons."""
 import argparse
+import math
 import os
 import pickle
 
@@ -243,7 +244,10 @@ def test_ema_decay_note_names_the_first_step_the_warmup_reaches_the_decay(decay,
     first = next(n for n in range(10 ** 6) if (1 + n) / (warmup + n) >= decay)
     assert ema_decay_note(decay, first + 1, warmup) is None  # its last step, n = first, uses the chosen decay
     note = ema_decay_note(decay, first, warmup)  # the last step is n = first - 1: the warm-up throughout
-    assert note.startswith(f"note: --ema-decay {decay} takes effect only from step {first}; in these {first} steps")
-    assert f"up to {first / (warmup + first - 1):.4f} at the last step" in note
+    steps = f"these {first} steps" if first > 1 else "this 1 step"
+    assert note.startswith(f"note: --ema-decay {decay} takes effect only from step {first}; in {steps} the EMA's")
+    last = first / (warmup + first - 1)
+    assert f"up to {math.floor(last * 10 ** 4) / 10 ** 4:.4f} at the last step" in note  # rounded down, below decay
+    assert ema_decay_note(0.999, 8990, 10).endswith("(up to 0.9989 at the last step)")  # 0.998999, not "0.9990"
     if (decay, warmup) == (0.999, 10):
-        assert first == 8990 and ema_decay_note(decay, 2340, warmup).endswith("(up to 0.9962 at the last step)")
+        assert first == 8990 and ema_decay_note(decay, 2340, warmup).endswith("(up to 0.9961 at the last step)")

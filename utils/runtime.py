@@ -330,7 +330,9 @@ def ema_decay_note(decay, total_steps, warmup):
     if reached < total_steps:
         return None
     last = total_steps / (warmup + total_steps - 1)  # (1 + n) / (warmup + n) at the last step, n = total_steps - 1
-    return (f"note: --ema-decay {decay} takes effect only from step {reached}; in these {total_steps} steps the EMA's "
+    last = math.floor(last * 10 ** 4) / 10 ** 4  # rounded down: never shown as the decay it does not reach
+    steps = f"these {total_steps} steps" if total_steps > 1 else "this 1 step"
+    return (f"note: --ema-decay {decay} takes effect only from step {reached}; in {steps} the EMA's "
             f"warm-up, (1 + step) / ({warmup} + step), sets the decay throughout (up to {last:.4f} at the last step)")
 
 
