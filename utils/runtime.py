@@ -318,7 +318,7 @@ def ema_decay_note(decay, total_steps, warmup):
     """A one-line note when an EMA's chosen decay never takes effect in a run, else None.
 
     Lessons 02, 03 and 05 update their EMA with decay min(decay, (1 + n) / (warmup + n)) at 0-based step n (the
-    warm-up of DDPM's and diffusers' EMA), which reaches `decay` only from step (warmup * decay - 1) / (1 - decay)
+    warm-up diffusers' EMAModel uses by default), which reaches `decay` only from step (warmup * decay - 1) / (1 - decay)
     on: 8990 for 0.999 with warmup 10. A shorter run averages with the warm-up's decay throughout, whatever --ema-decay
     says, and the learner should be told. decay in [0, 1), total_steps >= 1 (steps of this run in all), warmup >= 1.
     """
