@@ -59,7 +59,7 @@ GIF_FRAMES = 25  # snapshots along the DDIM chain for denoising.gif
 INTERPOLATION_POINTS = 9  # images along each walk of interpolation.png (--interpolate)
 INTERPOLATION_GRID = 5  # interpolation_grid.png is 5 x 5
 WARMUP_STEPS = 200  # lesson 02's warm-up
-EMA_DECAY = 0.999  # lesson 02's EMA decay
+EMA_DECAY = 0.999  # lesson 02's EMA decay: its warm-up (EMA.decay_at) reaches 0.999 only from step 8990
 CHECKPOINT_EVERY = 500
 GRAD_CLIP = 1.0  # largest gradient norm, as in lesson 02 (DDPM's released code)
 
