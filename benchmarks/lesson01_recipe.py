@@ -8,13 +8,17 @@
     python benchmarks/lesson01_recipe.py --name attn --arch attn7 --batch-size 64 --steps 5400 --lr 4e-3 \
         --min-snr 5 --channels-last                                       # self-attention at 7x7
     python benchmarks/lesson01_recipe.py --name ema --ema 0.998           # one change on top of batch 128
+    python benchmarks/lesson01_recipe.py --name v --batch-size 64 --steps 5616 --lr 4e-3 --min-snr 5 \
+        --channels-last --prediction v                                    # lesson 02's v-prediction (a question)
     python benchmarks/lesson01_recipe.py --name old --checkpoint outputs/01_ddpm_toy/checkpoint.pt --variance both
 
 Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, loss_fn,
 learning_rate, EpochOrder's data order) and one change at a time: batch size and steps, peak learning
 rate, the network (--arch) and its memory layout (--channels-last, as lesson 01 trains on the CPU), an EMA
 of the weights (lesson 02's EMA: decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting
-(Hang et al. 2023, arXiv:2303.09556: lesson 01's loss_fn with snr_gamma = --min-snr), then draws
+(Hang et al. 2023, arXiv:2303.09556: lesson 01's loss_fn with snr_gamma = --min-snr), and two of lesson 02's
+pieces, to ask what they would buy lesson 01: v-prediction (--prediction v, see v_loss) and the cosine schedule
+(--schedule cosine, with v-prediction: the first step of the eps sampler divides by sqrt(alpha_T) = 0.03), then draws
 --samples images with DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t or the posterior variance
 beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
 utils.metrics (FD minus the real-data floor at the same count). Appends one JSON line per variance to
@@ -100,6 +104,34 @@ ARCHITECTURES = {"tiny": lesson01.TinyUNet, "patch2": Patch2UNet,
                  "block7": lambda channels, width: MiddleUNet(channels, width, "block")}
 
 
+def make_schedule(name):
+    """Lesson 01's linear betas ("linear") or lesson 02's cosine schedule ("cosine", Improved DDPM Eq. 17), T = 1000,
+    on the CPU: {"betas", "alphas", "alpha_bars", ...}, each [1000]."""
+    return lesson01.make_schedule(torch.device("cpu")) if name == "linear" else lesson02.make_schedule(
+        "cosine", torch.device("cpu"))
+
+
+def v_loss(model, x0, schedule, generator, snr_gamma):
+    """lesson01.loss_fn with the network predicting v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans &
+    Ho 2022, Section 4; lesson 02's --prediction v) instead of eps, with the same draws of t and eps. The noise it
+    implies is eps_pred = sqrt(alpha_bar_t) v_pred + sqrt(1 - alpha_bar_t) x_t, so that
+    ||v - v_pred||^2 = (SNR_t + 1) / SNR_t * ||eps - eps_pred||^2; min-SNR-gamma's weight for v is therefore
+    min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023, Section 3.4), which makes this the same objective as
+    lesson01.loss_fn's, reached through another output of the network. snr_gamma = 0: the plain v loss."""
+    timesteps = len(schedule["betas"])
+    t = torch.randint(0, timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = lesson01.add_noise(x0, t, eps, schedule)
+    alpha_bar_t = schedule["alpha_bars"][t]  # [B]
+    shaped = alpha_bar_t.view(-1, 1, 1, 1)
+    v = shaped.sqrt() * eps - (1.0 - shaped).sqrt() * x0
+    per_image = (model(x_t, t) - v).pow(2).mean(dim=(1, 2, 3))  # [B]
+    if not snr_gamma:
+        return per_image.mean()
+    snr_t = alpha_bar_t / (1.0 - alpha_bar_t)
+    return (snr_t.clamp(max=snr_gamma) / (snr_t + 1.0) * per_image).mean()
+
+
 def train(args, images, schedule):
     """Lesson 01's training loop with the variant's changes; returns the model to sample (the EMA if any)."""
     model = ARCHITECTURES[args.arch](1, args.width)
@@ -113,7 +145,10 @@ def train(args, images, schedule):
     for step in range(args.steps):
         x0 = images[order.batch(step)]
         lesson01.set_learning_rate(optimizer, lesson01.learning_rate(step, args.steps, args.lr))
-        loss = lesson01.loss_fn(model, x0, schedule, generator, args.min_snr)  # min-SNR weighted unless 0
+        if args.prediction == "eps":
+            loss = lesson01.loss_fn(model, x0, schedule, generator, args.min_snr)  # min-SNR weighted unless 0
+        else:
+            loss = v_loss(model, x0, schedule, generator, args.min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -127,14 +162,17 @@ def train(args, images, schedule):
 
 
 @torch.inference_mode()
-def draw(model, schedule, count, variance):
-    """DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t ("beta") or beta_tilde_t ("beta_tilde")."""
+def draw(model, schedule, count, variance, prediction="eps"):
+    """DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t ("beta") or beta_tilde_t ("beta_tilde"); a v-predicting
+    model's output is turned into the noise it implies, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t."""
     betas, alphas, alpha_bars = (schedule[name].tolist() for name in ("betas", "alphas", "alpha_bars"))
     generator, images = torch.Generator().manual_seed(SAMPLE_SEED), []
     for start in range(0, count, 128):
         x = torch.randn((min(128, count - start), 1, 28, 28), generator=generator)
         for t in range(len(betas) - 1, -1, -1):
             eps = model(x, torch.full((x.shape[0],), t))
+            if prediction == "v":
+                eps = math.sqrt(alpha_bars[t]) * eps + math.sqrt(1 - alpha_bars[t]) * x
             x = (x - betas[t] / math.sqrt(1 - alpha_bars[t]) * eps) / math.sqrt(alphas[t])
             if t > 0:
                 sigma2 = betas[t] if variance == "beta" else betas[t] * (1 - alpha_bars[t - 1]) / (1 - alpha_bars[t])
@@ -157,16 +195,22 @@ def main():
     parser.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: none)")
     parser.add_argument("--min-snr", type=float, default=0.0, help="min-SNR gamma (0: the plain loss)")
+    parser.add_argument("--prediction", choices=["eps", "v"], default="eps",
+                        help="what the network predicts (v: lesson 02's v-prediction, see v_loss)")
+    parser.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+                        help="linear: lesson 01's betas; cosine: lesson 02's (Improved DDPM Eq. 17)")
     parser.add_argument("--variance", choices=["beta", "beta_tilde", "both"], default="beta_tilde")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args()
+    if args.checkpoint and (args.prediction, args.schedule) != ("eps", "linear"):
+        parser.error("a lesson 01 checkpoint predicts eps on the linear schedule: drop --prediction/--schedule")
     pick_device("cpu")
     torch.manual_seed(args.seed)
     out = ROOT / "outputs" / "lesson01_recipe" / args.name
     out.mkdir(parents=True, exist_ok=True)
-    schedule = lesson01.make_schedule(torch.device("cpu"))
+    schedule = make_schedule(args.schedule)
     if args.checkpoint:
         checkpoint = load_checkpoint(args.checkpoint, lesson01.LESSON)
         model = lesson01.TinyUNet(1, checkpoint["config"]["width"])
@@ -178,7 +222,7 @@ def main():
     model.eval()
     for variance in (["beta", "beta_tilde"] if args.variance == "both" else [args.variance]):
         started = time.perf_counter()
-        images = draw(model, schedule, args.samples, variance)
+        images = draw(model, schedule, args.samples, variance, args.prediction)
         seconds = time.perf_counter() - started
         visualize.save_grid(images[:64], out / f"samples_{variance}.png")
         path = visualize.save_samples_npz(images, out / f"samples_{variance}.npz")

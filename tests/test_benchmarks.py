@@ -81,7 +81,7 @@ def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_passes_min_snr_t
 
     class Args:  # two steps of training on four images, with and without min-SNR
         steps, batch_size, width, lr, ema, seed = 2, 2, 8, 1e-3, 0.0, 0
-        min_snr, arch, channels_last = 0.0, "tiny", False
+        min_snr, arch, channels_last, prediction = 0.0, "tiny", False, "eps"
     images = torch.rand(4, 1, 28, 28) * 2 - 1
 
     def train():  # from the same initial weights each time (the script seeds them once, in main)
@@ -105,6 +105,40 @@ def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_passes_min_snr_t
     Args.channels_last, Args.arch = False, "patch2"
     patched = train()
     assert isinstance(patched, recipe.Patch2UNet) and isinstance(plain, lesson01.TinyUNet)
+    Args.arch, Args.prediction = "tiny", "v"  # trained on v_loss: another network from the same start
+    predicts_v = train()
+    assert not torch.allclose(plain(x, t), predicts_v(x, t), atol=1e-4)
+
+
+def test_lesson01_recipes_v_prediction_is_lesson01s_objective_through_another_output():
+    """--prediction v: a network predicting v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 implies the noise
+    sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t (Salimans & Ho 2022). With min-SNR's weight for v,
+    min(SNR, gamma) / (SNR + 1), v_loss must equal lesson01.loss_fn of that implied noise predictor on the same
+    draws, and the sampler must draw the images the implied noise predictor draws; --schedule cosine is lesson 02's."""
+    recipe = load_benchmark("lesson01_recipe")
+    lesson01 = recipe.lesson01
+    schedule = lesson01.make_schedule(torch.device("cpu"), 40)
+    torch.manual_seed(0)
+    v_model = lesson01.TinyUNet(1, width=8).eval()
+
+    def implied_eps(x_t, t):
+        alpha_bar = schedule["alpha_bars"][t].view(-1, 1, 1, 1)
+        return alpha_bar.sqrt() * v_model(x_t, t) + (1 - alpha_bar).sqrt() * x_t
+
+    x0 = torch.rand(6, 1, 28, 28) * 2 - 1
+    for gamma in (5.0, 0.5):
+        ours = recipe.v_loss(v_model, x0, schedule, torch.Generator().manual_seed(3), gamma)
+        theirs = lesson01.loss_fn(implied_eps, x0, schedule, torch.Generator().manual_seed(3), gamma)
+        assert torch.allclose(ours, theirs, rtol=1e-5), gamma
+    plain = recipe.v_loss(v_model, x0, schedule, torch.Generator().manual_seed(3), 0.0)  # the unweighted v loss
+    assert not torch.allclose(plain, recipe.v_loss(v_model, x0, schedule, torch.Generator().manual_seed(3), 5.0))
+    with torch.no_grad():
+        drawn = recipe.draw(v_model, schedule, 3, "beta_tilde", "v")
+        assert torch.allclose(drawn, recipe.draw(implied_eps, schedule, 3, "beta_tilde"), atol=1e-5)
+        assert (drawn - recipe.draw(v_model, schedule, 3, "beta_tilde")).abs().max() > 1e-2  # read as eps: others
+    cosine = recipe.make_schedule("cosine")
+    assert torch.equal(cosine["alpha_bars"], recipe.lesson02.make_schedule("cosine", torch.device("cpu"))["alpha_bars"])
+    assert torch.equal(recipe.make_schedule("linear")["betas"], lesson01.make_schedule(torch.device("cpu"))["betas"])
 
 
 def test_lesson01_recipes_network_on_patches_sees_every_pixel_and_has_the_parameters_the_readme_gives():
