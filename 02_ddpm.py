@@ -654,7 +654,7 @@ def train_and_sample(args, rank, world_size, device):
               f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
               f"{config['total_steps']} steps of {args.batch_size} x {world_size} process(es) = "
               f"{args.batch_size * world_size} images")
-        if note := ema_decay_note(args.ema_decay, config["total_steps"], EMA_WARMUP):
+        if note := ema_decay_note(ema, config["total_steps"]):
             print(note)
     train(args, model, ema, images, schedule, config, device, rank, world_size, start)
     if rank != 0:

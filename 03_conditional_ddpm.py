@@ -471,7 +471,7 @@ def main(argv=None):
     print(f"{dataset.name}: {len(dataset.images)} images {tuple(dataset.images.shape[1:])} from {dataset.source}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
           f"{config['total_steps']} steps of {args.batch_size}; labels dropped with p = {args.p_uncond}")
-    if note := ema_decay_note(args.ema_decay, config["total_steps"], EMA_WARMUP):
+    if note := ema_decay_note(ema, config["total_steps"]):
         print(note)
     train(args, model, ema, dataset, schedule, config, device, start)
     paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",

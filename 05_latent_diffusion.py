@@ -387,7 +387,7 @@ def train_diffusion(args, latents, scale, autoencoder, config, device, start):
     means, stds = latents
     model = UNet(config["latent_channels"], args.width, (1, 2), means.shape[-1]).to(device)
     ema = EMA(model, args.ema_decay)
-    if note := ema_decay_note(args.ema_decay, config["diffusion_steps"], EMA_WARMUP):
+    if note := ema_decay_note(ema, config["diffusion_steps"]):
         print(note)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -717,9 +717,13 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step):
+        """Lesson 02's warm-up: early on, average over about the steps so far, so the random start is forgotten fast."""
+        return min(self.decay, (1 + step) / (EMA_WARMUP + step))
+
     @torch.no_grad()
     def update(self, model, step):
-        decay = min(self.decay, (1 + step) / (EMA_WARMUP + step))  # lesson 02's warm-up
+        decay = self.decay_at(step)
         for average, value in zip(self.model.parameters(), model.parameters()):
             average.lerp_(value, 1 - decay)
 

@@ -234,20 +234,47 @@ def test_checkpoint_cadence_and_the_loop_errors(tmp_path):
     assert runtime.mean_over_processes([1.0, 0.0], 1, "cpu") == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("decay, warmup", [(0.999, 10), (0.9995, 10), (0.9999, 10), (0.99, 10), (0.9, 2), (0.5, 3)])
-def test_ema_decay_note_names_the_first_step_the_warmup_reaches_the_decay(decay, warmup):
-    """The EMA of lessons 02, 03 and 05 uses min(decay, (1 + n) / (warmup + n)) at step n: --ema-decay takes effect
-    from the first n where the warm-up reaches it (8990 for 0.999 and 10, by brute force here); a run that ends
-    before that gets a note naming that step and the run's length, a longer run none."""
-    from utils.runtime import ema_decay_note
+@pytest.mark.parametrize("lesson", ["02_ddpm.py", "03_conditional_ddpm.py", "05_latent_diffusion.py"])
+@pytest.mark.parametrize("decay", [0.999, 0.9995, 0.9999, 0.99, 0.9, 0.5, 0.0])
+def test_ema_decay_note_names_the_first_step_each_lessons_warmup_reaches_the_decay(lesson, decay):
+    """Lessons 02, 03 and 05 average with their EMA.decay_at(n) = min(decay, (1 + n) / (10 + n)) at step n:
+    --ema-decay takes effect from the first n where the warm-up reaches it (8990 for 0.999, found here by brute
+    force over the lesson's own decay_at); a run that ends before that gets a note naming that step and the run's
+    length, a longer run none."""
+    from conftest import load_lesson
 
-    first = next(n for n in range(10 ** 6) if (1 + n) / (warmup + n) >= decay)
-    assert ema_decay_note(decay, first + 1, warmup) is None  # its last step, n = first, uses the chosen decay
-    note = ema_decay_note(decay, first, warmup)  # the last step is n = first - 1: the warm-up throughout
+    ema = load_lesson(lesson).EMA(torch.nn.Linear(2, 2), decay)
+    first = next(n for n in range(10 ** 6) if ema.decay_at(n) >= decay)
+    assert ema.decay_at(first) == decay  # from there on the chosen decay itself
+    assert runtime.ema_decay_note(ema, first + 1) is None  # its last step, n = first, uses the chosen decay
+    if first == 0:  # decay 0: every step uses it
+        return
+    note = runtime.ema_decay_note(ema, first)  # the last step is n = first - 1: the warm-up throughout
     steps = f"these {first} steps" if first > 1 else "this 1 step"
     assert note.startswith(f"note: --ema-decay {decay} takes effect only from step {first}; in {steps} the EMA's")
-    last = first / (warmup + first - 1)
+    last = first / (10 + first - 1)  # the warm-up's decay at the last step, n = first - 1, from the formula
     assert f"up to {math.floor(last * 10 ** 4) / 10 ** 4:.4f} at the last step" in note  # rounded down, below decay
-    assert ema_decay_note(0.999, 8990, 10).endswith("(up to 0.9989 at the last step)")  # 0.998999, not "0.9990"
-    if (decay, warmup) == (0.999, 10):
-        assert first == 8990 and ema_decay_note(decay, 2340, warmup).endswith("(up to 0.9961 at the last step)")
+    if decay == 0.999:
+        assert first == 8990 and note.endswith("(up to 0.9989 at the last step)")  # 0.998999, not "0.9990"
+        assert runtime.ema_decay_note(ema, 2340).endswith("(up to 0.9961 at the last step)")
+
+
+def test_ema_decay_note_follows_the_warmup_it_is_given():
+    """The note reads the EMA's own decay_at, so another warm-up gives another first step: 1 - 1/(n + 2) reaches
+    0.977 at n = 42 (0.97674 at 41); a warm-up that never reaches its decay is a ValueError, not an endless search."""
+
+    class SlowWarmup:
+        decay = 0.977
+
+        def decay_at(self, step):
+            return min(self.decay, 1 - 1 / (step + 2))
+
+    assert runtime.ema_decay_note(SlowWarmup(), 43) is None
+    assert "takes effect only from step 42; in these 42 steps" in runtime.ema_decay_note(SlowWarmup(), 42)
+
+    class Stuck(SlowWarmup):
+        def decay_at(self, step):
+            return 0.5
+
+    with pytest.raises(ValueError, match="never reaches its decay 0.977"):
+        runtime.ema_decay_note(Stuck(), 10)

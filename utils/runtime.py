@@ -314,26 +314,35 @@ def warmup_learning_rate(step, peak, warmup_steps):
     return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps else peak
 
 
-def ema_decay_note(decay, total_steps, warmup):
+def ema_decay_note(ema, total_steps):
     """A one-line note when an EMA's chosen decay never takes effect in a run, else None.
 
-    Lessons 02, 03 and 05 update their EMA with decay min(decay, (1 + n) / (warmup + n)) at 0-based step n (the
-    warm-up diffusers' EMAModel uses by default), which reaches `decay` only from step (warmup * decay - 1) / (1 - decay)
-    on: 8990 for 0.999 with warmup 10. A shorter run averages with the warm-up's decay throughout, whatever --ema-decay
-    says, and the learner should be told. decay in [0, 1), total_steps >= 1 (steps of this run in all), warmup >= 1.
+    `ema` is a lesson's EMA: `ema.decay` is --ema-decay, in [0, 1), and `ema.decay_at(n)` the decay it averages with
+    at 0-based step n, which rises with n during its warm-up and equals `ema.decay` once the warm-up reaches it
+    (lessons 02, 03 and 05: min(decay, (1 + n) / (10 + n)), the warm-up diffusers' EMAModel uses by default; with
+    0.999 that is from step 8990 on). A shorter run averages with the warm-up's decay throughout, whatever
+    --ema-decay says, and the learner should be told. total_steps >= 1: the steps of this run in all. The first step
+    at the decay is found by bisection on the lesson's own decay_at, so the note follows its warm-up, whatever it is.
+    Raises ValueError if decay_at has not reached the decay by step 2^40.
     """
-    reached = max(0, math.ceil((warmup * decay - 1) / (1 - decay)))
-    while reached > 0 and reached / (warmup + reached - 1) >= decay:  # exact despite float rounding: the first
-        reached -= 1                                                     # step n with (1 + n) / (warmup + n) >= decay
-    while (1 + reached) / (warmup + reached) < decay:
-        reached += 1
-    if reached < total_steps:
+    high = 1
+    while ema.decay_at(high) < ema.decay:  # doubling to a step that uses the chosen decay
+        high *= 2
+        if high > 2 ** 40:
+            raise ValueError(f"the EMA's warm-up never reaches its decay {ema.decay}")
+    low = 0
+    while low < high:  # bisection: decay_at(high) >= decay throughout, and every step before `low` is below it
+        middle = (low + high) // 2
+        if ema.decay_at(middle) >= ema.decay:
+            high = middle
+        else:
+            low = middle + 1
+    if low < total_steps:
         return None
-    last = total_steps / (warmup + total_steps - 1)  # (1 + n) / (warmup + n) at the last step, n = total_steps - 1
-    last = math.floor(last * 10 ** 4) / 10 ** 4  # rounded down: never shown as the decay it does not reach
+    last = math.floor(ema.decay_at(total_steps - 1) * 10 ** 4) / 10 ** 4  # rounded down: never shown as reached
     steps = f"these {total_steps} steps" if total_steps > 1 else "this 1 step"
-    return (f"note: --ema-decay {decay} takes effect only from step {reached}; in {steps} the EMA's "
-            f"warm-up, (1 + step) / ({warmup} + step), sets the decay throughout (up to {last:.4f} at the last step)")
+    return (f"note: --ema-decay {ema.decay} takes effect only from step {low}; in {steps} the EMA's warm-up "
+            f"(EMA.decay_at) sets the decay throughout (up to {last:.4f} at the last step)")
 
 
 def check_finite(loss, step, checkpoint_path, what="loss"):
