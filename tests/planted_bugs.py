@@ -71,6 +71,8 @@ BUGS = [
      "z0 = means[batch] + stds[batch] * noise", ["tests/test_lesson05.py"]),
     ("05 EMA decay direction", "05_latent_diffusion.py", "average.lerp_(value, 1 - decay)",
      "average.lerp_(value, decay)", ["tests/test_lesson05.py"]),
+    ("05 EMA warm-up off", "05_latent_diffusion.py", "return min(self.decay, (1 + step) / (EMA_WARMUP + step))",
+     "return self.decay", ["tests/test_lesson05.py"]),
     ("05 DDIM sigma without a sqrt", "05_latent_diffusion.py",
      "sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))",
      "sigma = eta * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)",
