@@ -396,7 +396,7 @@ def main(argv=None):
     forward = write_forward_process(images, schedule, args.seed, args.out / "forward.png")
     print(f"wrote {forward} (what the model learns to undo)")
     train(args, model, images, schedule, config, device, start)
-    paths = [forward, args.out / "checkpoint.pt", args.out / "metrics.csv",
+    paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",  # forward.png was announced before training
              visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png")]
     paths += write_samples(model, schedule, config, args, device)
     for path in paths:
