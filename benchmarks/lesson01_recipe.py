@@ -116,7 +116,7 @@ def v_loss(model, x0, schedule, generator, snr_gamma):
     Ho 2022, Section 4; lesson 02's --prediction v) instead of eps, with the same draws of t and eps. The noise it
     implies is eps_pred = sqrt(alpha_bar_t) v_pred + sqrt(1 - alpha_bar_t) x_t, so that
     ||v - v_pred||^2 = (SNR_t + 1) / SNR_t * ||eps - eps_pred||^2; min-SNR-gamma's weight for v is therefore
-    min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023, Section 3.4), which makes this the same objective as
+    min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023), which makes this the same objective as
     lesson01.loss_fn's, reached through another output of the network. snr_gamma = 0: the plain v loss."""
     timesteps = len(schedule["betas"])
     t = torch.randint(0, timesteps, (x0.shape[0],), device=x0.device, generator=generator)
