@@ -7,7 +7,8 @@ drawn in equal numbers per class, as lesson 03's guidance sweep asks for its sam
 utils.metrics' floor (fd_real_floor) is the Frechet distance of `count` random training images to the test
 split. A random draw mixes the classes unevenly; a set with exactly count/10 per class is closer to the test
 split's statistics, so class-balanced samples can score below that floor without being better than real data.
-Writes benchmarks/results/floor_balance_<dataset>.csv and .md.
+Writes benchmarks/results/floor_balance_<dataset>.csv and .md, or floor_balance_<dataset>_<count>.* for another
+--count than 50, so that a run at one count keeps the others' files.
 """
 import argparse
 import sys
@@ -22,6 +23,11 @@ def balanced_indices(labels, count, generator, classes=10):
     """`count` distinct indices of `labels`, exactly count // classes from each class, drawn at random."""
     return torch.cat([members[torch.randperm(len(members), generator=generator)[:count // classes]]
                       for members in (torch.nonzero(labels == c).flatten() for c in range(classes))])
+
+
+def results_name(dataset, count):
+    """The results files' name: floor_balance_<dataset> for the default 50 images, else with _<count> added."""
+    return f"floor_balance_{dataset}" + ("" if count == 50 else f"_{count}")
 
 
 def main():
@@ -48,7 +54,7 @@ def main():
     rows = [{"measure": f"{kind}, {args.count} images, draws with seeds 0-{args.draws - 1}",
              "value": " / ".join(f"{d:.1f}" for d in values), "ratio": f"{min(values):.1f}-{max(values):.1f}"}
             for kind, values in (("random training images", random), ("training images, equal per class", balanced))]
-    write_results(rows, f"floor_balance_{args.dataset}",
+    write_results(rows, results_name(args.dataset, args.count),
                   f"FD to the {args.dataset} test split. Measured with `{command}`.", ratio_header="range")
 
 

@@ -10,14 +10,17 @@
     python benchmarks/lesson01_recipe.py --name ema --ema 0.998           # one change on top of batch 128
     python benchmarks/lesson01_recipe.py --name v --batch-size 64 --steps 5616 --lr 4e-3 --min-snr 5 \
         --channels-last --prediction v                                    # lesson 02's v-prediction (a question)
+    python benchmarks/lesson01_recipe.py --name lognormal --batch-size 64 --steps 5616 --lr 4e-3 --min-snr 5 \
+        --channels-last --timesteps lognormal                             # EDM's training noise levels
     python benchmarks/lesson01_recipe.py --name old --checkpoint outputs/01_ddpm_toy/checkpoint.pt --variance both
 
 Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, loss_fn,
 learning_rate, EpochOrder's data order) and one change at a time: batch size and steps, peak learning
 rate, the network (--arch) and its memory layout (--channels-last, as lesson 01 trains on the CPU), an EMA
 of the weights (lesson 02's EMA: decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting
-(Hang et al. 2023, arXiv:2303.09556: lesson 01's loss_fn with snr_gamma = --min-snr), and two of lesson 02's
-pieces, to ask what they would buy lesson 01: v-prediction (--prediction v, see v_loss) and the cosine schedule
+(Hang et al. 2023, arXiv:2303.09556: lesson 01's loss_fn with snr_gamma = --min-snr), EDM's lognormal
+training noise levels (Karras et al. 2022, arXiv:2206.00364: --timesteps lognormal, see
+lognormal_timestep_probs), and two of lesson 02's pieces, to ask what they would buy lesson 01: v-prediction (--prediction v, see v_loss) and the cosine schedule
 (--schedule cosine, with v-prediction: the first step of the eps sampler divides by sqrt(alpha_T) = 0.03), then draws
 --samples images with DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t or the posterior variance
 beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
@@ -132,6 +135,35 @@ def v_loss(model, x0, schedule, generator, snr_gamma):
     return (snr_t.clamp(max=snr_gamma) / (snr_t + 1.0) * per_image).mean()
 
 
+def lognormal_timestep_probs(schedule, p_mean=-1.2, p_std=1.2):
+    """EDM's training distribution of noise levels (Karras et al. 2022, arXiv:2206.00364, Table 1: ln sigma ~
+    N(P_mean, P_std^2), P_mean = -1.2, P_std = 1.2) carried onto DDPM's discrete timesteps: [T] probabilities,
+    p(t) = the normal's mass over the bin of ln sigma_t, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (the noise
+    level of x_t / sqrt(alpha_bar_t)), bins split halfway between neighbouring timesteps, the tails folded into t = 0
+    and t = T - 1. Uniform t (DDPM Algorithm 1) is the lesson's; this moves the training toward sigma ~ 0.3."""
+    alpha_bars = schedule["alpha_bars"].double()
+    log_sigma = 0.5 * torch.log((1.0 - alpha_bars) / alpha_bars)  # [T], increasing in t
+    edges = (log_sigma[1:] + log_sigma[:-1]) / 2  # [T - 1]
+    cdf = torch.special.ndtr((edges - p_mean) / p_std)
+    cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])  # [T + 1]
+    return (cdf[1:] - cdf[:-1]).float()
+
+
+def lognormal_loss(model, x0, schedule, generator, snr_gamma, probs):
+    """lesson01.loss_fn (eps-prediction, min-SNR-gamma weight unless snr_gamma is 0) on x0 [B, C, H, W] in [-1, 1],
+    with t drawn from probs [T] (lognormal_timestep_probs) instead of uniformly, then eps as loss_fn draws it.
+    Returns the scalar loss."""
+    t = torch.multinomial(probs, x0.shape[0], replacement=True, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = lesson01.add_noise(x0, t, eps, schedule)
+    per_image = (model(x_t, t) - eps).pow(2).mean(dim=(1, 2, 3))  # [B]
+    if not snr_gamma:
+        return per_image.mean()
+    alpha_bar_t = schedule["alpha_bars"][t]
+    snr_t = alpha_bar_t / (1.0 - alpha_bar_t)
+    return (snr_t.clamp(max=snr_gamma) / snr_t * per_image).mean()
+
+
 def train(args, images, schedule):
     """Lesson 01's training loop with the variant's changes; returns the model to sample (the EMA if any)."""
     model = ARCHITECTURES[args.arch](1, args.width)
@@ -141,11 +173,14 @@ def train(args, images, schedule):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     order = EpochOrder(len(images), args.batch_size, len(images) // args.batch_size, args.seed)
+    probs = lognormal_timestep_probs(schedule) if args.timesteps == "lognormal" else None
     started, losses = time.perf_counter(), []
     for step in range(args.steps):
         x0 = images[order.batch(step)]
         lesson01.set_learning_rate(optimizer, lesson01.learning_rate(step, args.steps, args.lr))
-        if args.prediction == "eps":
+        if probs is not None:
+            loss = lognormal_loss(model, x0, schedule, generator, args.min_snr, probs)
+        elif args.prediction == "eps":
             loss = lesson01.loss_fn(model, x0, schedule, generator, args.min_snr)  # min-SNR weighted unless 0
         else:
             loss = v_loss(model, x0, schedule, generator, args.min_snr)
@@ -199,11 +234,18 @@ def main():
                         help="what the network predicts (v: lesson 02's v-prediction, see v_loss)")
     parser.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                         help="linear: lesson 01's betas; cosine: lesson 02's (Improved DDPM Eq. 17)")
+    parser.add_argument("--timesteps", choices=["uniform", "lognormal"], default="uniform",
+                        help="how training draws t: uniform (DDPM Algorithm 1) or EDM's lognormal noise levels "
+                             "(lognormal_timestep_probs; eps-prediction only)")
     parser.add_argument("--variance", choices=["beta", "beta_tilde", "both"], default="beta_tilde")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args()
+    if args.timesteps == "lognormal" and args.prediction != "eps":
+        parser.error("--timesteps lognormal is written for eps-prediction: drop --prediction v")
+    if args.checkpoint and args.timesteps != "uniform":
+        parser.error("--timesteps changes training: it does not apply to --checkpoint")
     if args.checkpoint and (args.prediction, args.schedule) != ("eps", "linear"):
         parser.error("a lesson 01 checkpoint predicts eps on the linear schedule: drop --prediction/--schedule")
     pick_device("cpu")

@@ -61,6 +61,11 @@ def test_balanced_draws_take_the_same_number_of_distinct_images_from_every_class
     first = floor_balance.balanced_indices(labels, 15, generator, classes=3)
     assert len(set(first.tolist())) == 15 and torch.bincount(labels[first]).tolist() == [5, 5, 5]
     assert not torch.equal(first, floor_balance.balanced_indices(labels, 15, generator, classes=3))  # a new draw
+    # each --count keeps its own results files: the README cites the 50- and the 250-image ones
+    assert floor_balance.results_name("fashion-mnist", 50) == "floor_balance_fashion-mnist"
+    assert floor_balance.results_name("fashion-mnist", 250) == "floor_balance_fashion-mnist_250"
+    for name in ("floor_balance_fashion-mnist", "floor_balance_fashion-mnist_250"):
+        assert (ROOT / "benchmarks" / "results" / f"{name}.md").exists()
 
 
 def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_passes_min_snr_to_its_loss():
@@ -81,7 +86,7 @@ def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_passes_min_snr_t
 
     class Args:  # two steps of training on four images, with and without min-SNR
         steps, batch_size, width, lr, ema, seed = 2, 2, 8, 1e-3, 0.0, 0
-        min_snr, arch, channels_last, prediction = 0.0, "tiny", False, "eps"
+        min_snr, arch, channels_last, prediction, timesteps = 0.0, "tiny", False, "eps", "uniform"
     images = torch.rand(4, 1, 28, 28) * 2 - 1
 
     def train():  # from the same initial weights each time (the script seeds them once, in main)
@@ -108,6 +113,44 @@ def test_lesson01_recipe_samples_with_lesson01s_own_sampler_and_passes_min_snr_t
     Args.arch, Args.prediction = "tiny", "v"  # trained on v_loss: another network from the same start
     predicts_v = train()
     assert not torch.allclose(plain(x, t), predicts_v(x, t), atol=1e-4)
+    Args.prediction, Args.timesteps = "eps", "lognormal"  # EDM's noise levels: another network from the same start
+    lognormal = train()
+    assert not torch.allclose(plain(x, t), lognormal(x, t), atol=1e-4)
+
+
+def test_lesson01_recipes_lognormal_timesteps_follow_edms_noise_level_distribution():
+    """--timesteps lognormal: t is drawn so that sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) follows EDM's
+    ln sigma ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1). Checked against draws of that normal each sent to the
+    timestep whose ln sigma is nearest, and the loss must weight the drawn t as lesson01.loss_fn's min-SNR does."""
+    recipe = load_benchmark("lesson01_recipe")
+    schedule = recipe.make_schedule("linear")
+    probs = recipe.lognormal_timestep_probs(schedule)
+    assert probs.shape == (1000,) and (probs >= 0).all() and abs(probs.sum().item() - 1) < 1e-5
+    log_sigma = 0.5 * torch.log((1 - schedule["alpha_bars"]) / schedule["alpha_bars"])
+    drawn = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.2 - 1.2
+    midpoints = (log_sigma[1:] + log_sigma[:-1]).double() / 2  # ln sigma increases with t: nearest = bin
+    nearest = torch.searchsorted(midpoints, drawn)  # [200000] timesteps
+    counts = torch.bincount(nearest, minlength=1000).double() / len(drawn)
+    for upto in (10, 50, 88, 150, 325, 600):  # the cumulative shares agree to sampling error
+        assert abs(counts[:upto].sum() - probs[:upto].double().sum()) < 0.005, upto
+    median = int((probs.cumsum(0) >= 0.5).nonzero()[0])
+    assert abs(log_sigma[median] - (-1.2)) < 0.02  # the median noise level is EDM's exp(P_mean) = 0.30
+    assert probs[:500].sum() > 0.97  # and almost no training above t = 500, where uniform t spends half of it
+
+    seen = []
+
+    def zero(x_t, t):  # predicts no noise: the loss is the weight times the mean of eps^2
+        seen.append(t)
+        return torch.zeros_like(x_t)
+    one_hot = torch.zeros(1000)
+    one_hot[40] = 1.0
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    loss = recipe.lognormal_loss(zero, x0, schedule, torch.Generator().manual_seed(1), 5.0, one_hot)
+    assert torch.equal(seen[0], torch.full((8,), 40))
+    snr = schedule["alpha_bars"][40] / (1 - schedule["alpha_bars"][40])
+    assert abs(loss / (5.0 / snr) - 1) < 0.05  # min(SNR, 5) / SNR at t = 40, times mean eps^2 over 6272 draws
+    plain = recipe.lognormal_loss(zero, x0, schedule, torch.Generator().manual_seed(1), 0.0, one_hot)
+    assert abs(plain - 1) < 0.05
 
 
 def test_lesson01_recipes_v_prediction_is_lesson01s_objective_through_another_output():
