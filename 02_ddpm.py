@@ -336,7 +336,9 @@ def build_model(config):
 class EMA:
     """Exponential moving average of the weights (DDPM Appendix B): the weights used for sampling.
 
-    The average is smoother than the weights of any one step, which jump around with the gradient noise.
+    The average is smoother than the weights of any one step, which jump around with the gradient noise: in
+    this lesson's default run, sampling its last weights instead drew pictures 44 FD further from the data
+    (README "Each default run, end to end").
     """
 
     def __init__(self, model, decay):
@@ -344,7 +346,8 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decay_at(self, step):
-        """Warm-up: early on, average over about the steps so far, so the random start is forgotten fast."""
+        """Warm-up: at step n the decay is (1 + n) / (10 + n), an average over about the last ninth of the steps so
+        far, so the random start is forgotten fast; an average over the last third measured worse here (README)."""
         return min(self.decay, (1 + step) / (EMA_WARMUP + step))
 
     @torch.no_grad()

@@ -718,7 +718,8 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decay_at(self, step):
-        """Lesson 02's warm-up: early on, average over about the steps so far, so the random start is forgotten fast."""
+        """Lesson 02's warm-up: at step n the decay is (1 + n) / (10 + n), an average over about the last ninth of the
+        steps so far, so the random start is forgotten fast."""
         return min(self.decay, (1 + step) / (EMA_WARMUP + step))
 
     @torch.no_grad()
