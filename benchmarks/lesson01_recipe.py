@@ -22,8 +22,8 @@ of the weights (lesson 02's EMA: decay min(d, (1 + n) / (10 + n)) at step n), mi
 training noise levels (Karras et al. 2022, arXiv:2206.00364: --timesteps lognormal, see
 lognormal_timestep_probs), and two of lesson 02's pieces, to ask what they would buy lesson 01: v-prediction
 (--prediction v, see v_loss) and the cosine schedule (--schedule cosine, with v-prediction: the first step of the
-eps sampler divides by sqrt(alpha_T) = 0.03), then draws --samples images with DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t or the posterior variance
-beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
+eps sampler divides by sqrt(alpha_T) = 0.03), then draws --samples images with DDPM Algorithm 2 in 1000 steps
+with sigma_t^2 = beta_t or the posterior variance beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
 utils.metrics (FD minus the real-data floor at the same count). Appends one JSON line per variance to
 benchmarks/results/lesson01_recipe.jsonl, with the training minutes (which are only comparable within one
 day: run nothing else beside it).
