@@ -14,19 +14,18 @@
         --channels-last --timesteps lognormal                             # EDM's training noise levels
     python benchmarks/lesson01_recipe.py --name old --checkpoint outputs/01_ddpm_toy/checkpoint.pt --variance both
 
-Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, loss_fn,
-learning_rate, EpochOrder's data order) and one change at a time: batch size and steps, peak learning
-rate, the network (--arch) and its memory layout (--channels-last, as lesson 01 trains on the CPU), an EMA
-of the weights (lesson 02's EMA: decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting
-(Hang et al. 2023, arXiv:2303.09556: lesson 01's loss_fn with snr_gamma = --min-snr), EDM's lognormal
-training noise levels (Karras et al. 2022, arXiv:2206.00364: --timesteps lognormal, see
-lognormal_timestep_probs), and two of lesson 02's pieces, to ask what they would buy lesson 01: v-prediction
-(--prediction v, see v_loss) and the cosine schedule (--schedule cosine, with v-prediction: the first step of the
-eps sampler divides by sqrt(alpha_T) = 0.03), then draws --samples images with DDPM Algorithm 2 in 1000 steps
-with sigma_t^2 = beta_t or the posterior variance beta_tilde_t (DDPM Eq. 7), from the same starting noises whatever the recipe, and scores them with
-utils.metrics (FD minus the real-data floor at the same count). Appends one JSON line per variance to
-benchmarks/results/lesson01_recipe.jsonl, with the training minutes (which are only comparable within one
-day: run nothing else beside it).
+Trains lesson 01's TinyUNet on Fashion-MNIST with lesson 01's own pieces (make_schedule, loss_fn, learning_rate,
+EpochOrder's data order) and one change at a time: batch size and steps, peak learning rate, the network (--arch)
+and its memory layout (--channels-last, as lesson 01 trains on the CPU), an EMA of the weights (lesson 02's EMA:
+decay min(d, (1 + n) / (10 + n)) at step n), min-SNR-gamma loss weighting (Hang et al. 2023, arXiv:2303.09556:
+lesson 01's loss_fn with snr_gamma = --min-snr), EDM's lognormal training noise levels (Karras et al. 2022,
+arXiv:2206.00364: --timesteps lognormal, see lognormal_timestep_probs), and two of lesson 02's pieces, to ask what
+they would buy lesson 01: v-prediction (--prediction v, see v_loss) and the cosine schedule (--schedule cosine,
+with v-prediction: the first step of the eps sampler divides by sqrt(alpha_T) = 0.03), then draws --samples images
+with DDPM Algorithm 2 in 1000 steps with sigma_t^2 = beta_t or the posterior variance beta_tilde_t (DDPM Eq. 7),
+from the same starting noises whatever the recipe, and scores them with utils.metrics (FD minus the real-data floor
+at the same count). Appends one JSON line per variance to benchmarks/results/lesson01_recipe.jsonl, with the
+training minutes (which are only comparable within one day: run nothing else beside it).
 """
 import argparse
 import json
