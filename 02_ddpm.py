@@ -114,9 +114,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed for data order, noise and sampling")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
-    parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate at the end")
+    parser.add_argument("--num-samples", type=positive_int, default=64,
+                        help="images to generate at the end (all in samples.npz; samples.png shows 64)")
     parser.add_argument("--sample-batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
-                        help="images per sampling batch, whatever --num-samples is (README: measured)")
+                        help="images per sampling batch, whatever --num-samples is "
+                             "(docs/lesson04.md \"Sampling many images\")")
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
@@ -556,7 +558,7 @@ def write_samples(model, schedule, config, args, device):
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s ({timesteps} steps)")
     images, first_batch = images.float(), min(args.num_samples, args.sample_batch_size)  # kept: the first batch
     return [
-        visualize.save_grid(images, args.out / "samples.png"),
+        visualize.save_samples_grid(images, args.out / "samples.png"),
         visualize.save_samples_npz(images, args.out / "samples.npz"),
         visualize.save_denoising_gif([kept[t][0] for t in gif_steps] + [images[:first_batch]],
                                      args.out / "denoising.gif"),

@@ -105,9 +105,11 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
     parser.add_argument("--num-samples", type=positive_int, default=60,
-                        help="images to generate at the end, split evenly over the classes")
+                        help="images to generate at the end, split evenly over the classes (all in samples.npz; "
+                             "samples.png: one row per class, at most 64 images)")
     parser.add_argument("--sample-batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
-                        help="images per sampling batch, whatever --num-samples is (README: measured)")
+                        help="images per sampling batch, whatever --num-samples is "
+                             "(docs/lesson04.md \"Sampling many images\")")
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
@@ -407,9 +409,8 @@ def write_samples(model, schedule, config, args, device):
         model, schedule, labels[start:start + count], args.guidance_weight, x_T[start:start + count], generator,
         keep={*gif_steps, *strip_steps}))
     print(f"sampled {len(labels)} images at w={args.guidance_weight:g} in {time.perf_counter() - started:.1f} s")
-    per_row = len(labels) if args.class_label is not None else math.ceil(args.num_samples / num_classes)
     paths = [
-        visualize.save_grid(images, args.out / "samples.png", nrow=per_row),
+        visualize.save_samples_grid(images, args.out / "samples.png", labels=labels),
         visualize.save_samples_npz(images, args.out / "samples.npz", labels=labels),
         visualize.save_denoising_gif([kept[t] for t in gif_steps], args.out / "denoising.gif"),
         visualize.save_denoising_strip([kept[t] for t in strip_steps], strip_steps, args.out / "denoising.png"),

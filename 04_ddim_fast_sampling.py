@@ -118,9 +118,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
-    parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate")
+    parser.add_argument("--num-samples", type=positive_int, default=64,
+                        help="images to generate (all in samples.npz; samples.png shows 64)")
     parser.add_argument("--sample-batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
-                        help="images per sampling batch, whatever --num-samples is (README: measured)")
+                        help="images per sampling batch, whatever --num-samples is "
+                             "(docs/lesson04.md \"Sampling many images\")")
     parser.add_argument("--resume", action="store_true", help="continue training from OUT/checkpoint.pt")
     parser.add_argument("--sample-only", action="store_true",
                         help="no training: sample from --checkpoint (default OUT/checkpoint.pt)")
@@ -382,7 +384,7 @@ def write_samples(model, alpha_bars, config, args, device, images):
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s "
           f"({args.steps} {SAMPLER_NAMES[args.sampler]} steps{eta}, {spacing_for(args.sampler, args.timestep_spacing)} "
           f"spacing, x0 {'' if clip_for(config.get('prediction', 'eps'), args.clip_x0) else 'not '}clipped)")
-    paths = [visualize.save_grid(samples, args.out / "samples.png"),
+    paths = [visualize.save_samples_grid(samples, args.out / "samples.png"),
              visualize.save_samples_npz(samples, args.out / "samples.npz"),
              visualize.save_denoising_gif([x_T[:first_batch].clamp(-1, 1).cpu(), *[x for _, x in kept]],
                                           args.out / "denoising.gif")]

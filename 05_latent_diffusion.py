@@ -104,9 +104,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
-    parser.add_argument("--num-samples", type=positive_int, default=64, help="images to generate")
+    parser.add_argument("--num-samples", type=positive_int, default=64,
+                        help="images to generate (all in samples.npz; samples.png shows 64)")
     parser.add_argument("--sample-batch-size", type=positive_int, default=LATENT_SAMPLE_BATCH_SIZE,
-                        help="latents per sampling batch, whatever --num-samples is (README: measured)")
+                        help="latents per sampling batch, whatever --num-samples is "
+                             "(docs/lesson04.md \"Sampling many images\")")
     parser.add_argument("--resume", action="store_true", help="continue the stage(s) from OUT's checkpoints")
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
@@ -482,7 +484,7 @@ def write_samples(model, autoencoder, scale, config, args, device):
     strip = list(range(0, len(kept), max(1, len(kept) // 8)))
     if strip[-1] != len(kept) - 1:
         strip.append(len(kept) - 1)
-    return [visualize.save_grid(images, args.out / "samples.png"),
+    return [visualize.save_samples_grid(images, args.out / "samples.png"),
             visualize.save_samples_npz(images, args.out / "samples.npz"),
             visualize.save_denoising_gif(frames + [images[:len(frames[0])]], args.out / "denoising.gif"),  # 1st batch
             visualize.save_denoising_strip([frames[i] for i in strip], [str(kept[i][0]) for i in strip],

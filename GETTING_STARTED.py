@@ -10,7 +10,6 @@ lesson's default run time from that. It ends with the learning path and fixes fo
 It exits with status 1, saying why, when this machine cannot run the lessons; warnings alone do not fail it.
 """
 import importlib.metadata
-import importlib.util
 import math
 import os
 import re
@@ -21,6 +20,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from examples.lessons import load_lesson  # the one loader of lesson files (imports no lesson by itself)
 
 ROOT = Path(__file__).resolve().parent
 MIN_PYTHON = (3, 9)
@@ -225,14 +226,6 @@ def check_output(report, out):
 
 
 # --- speed ---
-
-def load_lesson(filename):
-    """Import a lesson file (its name starts with a digit, so `import` cannot)."""
-    spec = importlib.util.spec_from_file_location(Path(filename).stem, ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def toy_speed(device, seconds=TIMED_SECONDS, batch=128):
     """Training images/s of lesson 01's default model and step (forward, backward, Adam) on `device`, at batch 128

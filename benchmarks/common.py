@@ -1,6 +1,5 @@
 """What the benchmark scripts share: loading a lesson file, and writing a result table as CSV and markdown."""
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -8,13 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))  # so that lessons can import utils
 
-
-def load_lesson(filename):
-    """Import a lesson file (its name starts with a digit, so `import` cannot)."""
-    spec = importlib.util.spec_from_file_location(Path(filename).stem, ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from examples.lessons import load_lesson  # noqa: E402,F401  (the one loader of lesson files)
 
 
 def write_results(rows, stem, footer, ratio_header="ratio to default"):

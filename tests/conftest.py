@@ -1,6 +1,5 @@
 """Shared fixtures: the repository on sys.path, lessons loaded by file, tiny IDX datasets."""
 import gzip
-import importlib.util
 import struct
 import subprocess
 import sys
@@ -14,12 +13,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def load_lesson(filename):
-    """Import a lesson file (their names start with a digit, so `import` cannot)."""
-    spec = importlib.util.spec_from_file_location(filename.replace(".py", "").replace("0", "lesson0", 1),
-                                                  ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import a lesson file through the project's one loader (examples/lessons.py), named lesson0N_... ."""
+    from examples.lessons import load_lesson as load
+
+    return load(filename, module_name=filename.replace(".py", "").replace("0", "lesson0", 1))
 
 
 def run_lesson(filename, *args, timeout=300, env=None):

@@ -25,6 +25,63 @@ def test_grid_png_holds_every_image(tmp_path):
     assert centres == [round((v + 1) * 127.5) for v in torch.linspace(-1, 1, 6).tolist()]
 
 
+def cell_values(picture, rows, columns, size=28):
+    """The centre pixel of each grid cell (the value of the image drawn there), row by row."""
+    scale = visualize.DISPLAY_SCALE
+    return [[int(picture[scale * (2 + (size + 2) * row + size // 2), scale * (2 + (size + 2) * col + size // 2), 0])
+             for col in range(columns)] for row in range(rows)]
+
+
+def test_samples_png_shows_the_first_64_and_says_so(tmp_path, capsys):
+    """1000 samples: samples.png is the 8 x 8 grid of the first 64, in order, and one line says where the rest are."""
+    values = torch.linspace(-1, 1, 1000)
+    images = values.view(-1, 1, 1, 1).expand(-1, 1, 28, 28)
+    picture = imageio.imread(visualize.save_samples_grid(images, tmp_path / "samples.png"))
+    scale = visualize.DISPLAY_SCALE
+    assert picture.shape == (scale * (8 * 30 + 2), scale * (8 * 30 + 2), 3)
+    expected = visualize.to_uint8(images[:64])[:, 0, 0, 0].reshape(8, 8).tolist()
+    assert cell_values(picture, 8, 8) == expected
+    assert capsys.readouterr().out == "samples.png shows 64 of the 1000 samples; all are in samples.npz\n"
+    visualize.save_samples_grid(images[:64], tmp_path / "all.png")  # 64 or fewer: all of them, nothing said
+    assert capsys.readouterr().out == ""
+
+
+def test_samples_png_of_a_conditional_run_has_one_row_per_class(tmp_path, capsys):
+    """256 samples of 10 classes in turn: one row per class, each its class's first 6 (60 <= 64); a class with
+    fewer samples than the others is padded with white."""
+    labels = torch.arange(256) * 10 // 256
+    labels[labels == 9] = torch.tensor([9] * 5 + [8] * (int((labels == 9).sum()) - 5))  # class 9: only 5 samples
+    values = torch.linspace(-1, 0.9, 256)
+    images = values.view(-1, 1, 1, 1).expand(-1, 1, 28, 28)
+    picture = imageio.imread(visualize.save_samples_grid(images, tmp_path / "samples.png", labels=labels))
+    cells = cell_values(picture, 10, 6)
+    pixels = visualize.to_uint8(images)[:, 0, 0, 0]
+    for label in range(9):
+        assert cells[label] == pixels[labels == label][:6].tolist()
+    assert cells[9] == pixels[labels == 9].tolist() + [255]
+    assert "shows 60 of the 256 samples" in capsys.readouterr().out
+    # one class asked for (--class-label): the first 64 in a square grid, as for an unconditional run
+    picture = imageio.imread(visualize.save_samples_grid(images, tmp_path / "one.png", labels=torch.zeros(256)))
+    assert picture.shape[:2] == imageio.imread(visualize.save_samples_grid(images, tmp_path / "u.png")).shape[:2]
+
+
+def test_sample_rows_set_runs_side_by_side_and_refuse_a_wrong_file(tmp_path):
+    from utils.runtime import LessonError
+
+    gray = visualize.save_samples_npz(torch.full((10, 1, 28, 28), -1.0), tmp_path / "gray.npz")
+    colour = visualize.save_samples_npz(torch.full((10, 3, 32, 32), 1.0), tmp_path / "colour.npz")
+    path = visualize.save_sample_rows([gray, colour], ["gray", "colour"], tmp_path / "rows.png", count=8)
+    picture = imageio.imread(path)
+    assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # two rows of eight: wider than tall
+    dark, light = (picture[..., :3] < 40).sum(), (picture[..., :3] > 215).sum()
+    assert dark > 0 and light > 0  # both rows drawn
+    np.savez(tmp_path / "other.npz", something=np.zeros(3))
+    with pytest.raises(LessonError, match="is not a lesson's samples.npz"):
+        visualize.save_sample_rows([tmp_path / "other.npz"], ["x"], tmp_path / "bad.png")
+    with pytest.raises(LessonError, match="holds 10 images"):
+        visualize.save_sample_rows([gray], ["gray"], tmp_path / "bad.png", count=12)
+
+
 def test_npz_keeps_uint8_nhwc_and_labels(tmp_path):
     path = visualize.save_samples_npz(torch.zeros(5, 3, 8, 8), tmp_path / "s.npz", labels=torch.arange(5))
     loaded = np.load(path)

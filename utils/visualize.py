@@ -7,6 +7,7 @@ with no training and no lesson code:
     python -m utils.visualize reverse --dataset mnist       # x_t and the predicted x_0 along the reverse process
     python -m utils.visualize schedules                     # betas, alpha_bar and log-SNR: linear vs cosine
     python -m utils.visualize loss outputs/01_ddpm_toy/metrics.csv outputs/02_ddpm/metrics.csv
+    python -m utils.visualize samples outputs/*/samples.npz  # runs side by side, one row of samples each
 
 Each writes a PNG (reverse also a GIF) under --out (default outputs/figures) and prints its path.
 """
@@ -30,6 +31,7 @@ from utils.runtime import ArgumentParser, LessonError, positive_int, run, writab
 DISPLAY_SCALE = 2  # 28-pixel images are tiny on a screen; upscale by pixel repetition
 GIF_MS_PER_FRAME = 80
 GIF_FINAL_HOLD_MS = 1500  # show the finished samples for a while before the loop restarts
+SAMPLES_GRID_LIMIT = 64  # samples.png shows at most this many (8 x 8 at 28 pixels is readable; 1000 is not)
 
 
 def to_uint8(images):
@@ -50,6 +52,32 @@ def save_grid(images, path, nrow=None):
     """Save [-1, 1] images N x C x H x W as one PNG grid."""
     imageio.imwrite(path, grid_image(images, nrow))
     return Path(path)
+
+
+def save_samples_grid(images, path, labels=None, limit=SAMPLES_GRID_LIMIT):
+    """samples.png: [-1, 1] images N x C x H x W as one grid of at most `limit` of them, whatever N is (1000
+    images in one grid are too small to see; samples.npz keeps them all). Unlabelled, or all of one class: the
+    first `limit`, in rows of about sqrt(shown). With `labels` [N] of several classes: one row per class (in
+    class order, at most `limit` classes), each row that class's first max(1, limit // classes) samples, a short
+    row padded with white. Prints one line when it shows fewer than N. Returns the path."""
+    images = images.detach().cpu()
+    labels = None if labels is None else torch.as_tensor(labels).cpu()
+    if labels is None or labels.unique().numel() == 1:
+        shown, nrow = images[:limit], None
+        if labels is not None and len(shown) <= 10:  # a few samples of one class: one row, as before
+            nrow = len(shown)
+    else:
+        classes = labels.unique()[:limit]
+        per_class = min(max(1, limit // len(classes)), max(int((labels == c).sum()) for c in classes))
+        blank = torch.ones_like(images[:1])
+        rows = []
+        for c in classes:
+            mine = images[labels == c][:per_class]
+            rows.append(torch.cat([mine, blank.expand(per_class - len(mine), *images.shape[1:])]))
+        shown, nrow = torch.cat(rows), per_class
+    if len(shown) < len(images):
+        print(f"{Path(path).name} shows {len(shown)} of the {len(images)} samples; all are in samples.npz")
+    return save_grid(shown, path, nrow=nrow)
 
 
 def save_samples_npz(images, path, labels=None):
@@ -247,6 +275,28 @@ def save_schedules(betas_by_name, path):
     return Path(path)
 
 
+def save_sample_rows(files, labels, path, count=8):
+    """One row per samples.npz file (its first `count` images), labelled on the left: runs side by side. Files of
+    other sizes or channels are shown at the first file's size, in colour if any is. Raises LessonError for a
+    file that is not a lesson's samples.npz or holds fewer than `count` images."""
+    rows = []
+    for file in files:
+        try:
+            with np.load(file) as arrays:
+                images = arrays["images"]
+        except (OSError, ValueError, KeyError) as error:
+            raise LessonError(f"{file} is not a lesson's samples.npz ({error})") from None
+        if images.ndim != 4 or len(images) < count:
+            raise LessonError(f"{file} holds {len(images)} images of shape {images.shape[1:]}; need {count} of H x W x C")
+        rows.append(torch.from_numpy(images[:count]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    size = rows[0].shape[-1]
+    channels = max(row.shape[1] for row in rows)
+    rows = [torch.nn.functional.interpolate(row, size=(size, size), mode="nearest").expand(-1, channels, -1, -1)
+            for row in rows]
+    picture = grid_image(torch.cat(rows), nrow=count)
+    return _save_with_labels(picture, path, (count * 0.75 + 1.6, len(rows) * 0.75 + 0.3), [""] * count, labels)
+
+
 # --- the command line: each figure without training ---
 
 def noised(x0, alpha_bar, eps):
@@ -292,8 +342,8 @@ def ideal_reverse(reference, count, betas, generator, keep):
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m utils.visualize",
-                            description="Draw a figure of diffusion without training: forward, reverse, "
-                                        "schedules or loss.")
+                            description="Draw a figure of diffusion without training (forward, reverse, "
+                                        "schedules), or from runs' files (loss, samples).")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=writable_dir, default="outputs/figures", help="folder for the figure")
     figures = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE",
@@ -317,6 +367,11 @@ def parse_args(argv=None):
                        help="betas, alpha_bar and log-SNR of the linear and cosine schedules")
     loss = figures.add_parser("loss", parents=[common], help="training loss from one or more metrics.csv files")
     loss.add_argument("metrics", nargs="+", type=Path, help="metrics.csv files written by lessons")
+    samples = figures.add_parser("samples", parents=[common],
+                                 help="runs side by side: the first --count samples of each samples.npz, one row each")
+    samples.add_argument("files", nargs="+", type=Path, help="samples.npz files written by lessons")
+    samples.add_argument("--labels", nargs="+", help="one label per file (default: each file's folder name)")
+    samples.add_argument("--count", type=positive_int, default=8, help="images per row")
     return parser.parse_args(argv)
 
 
@@ -330,6 +385,11 @@ def main(argv=None):
                                     args.out / "schedules.png"))
     elif args.figure == "loss":
         paths.append(save_loss_curves(args.metrics, args.out / "loss.png"))
+    elif args.figure == "samples":
+        labels = args.labels or [file.parent.name for file in args.files]
+        if len(labels) != len(args.files):
+            raise LessonError(f"--labels gives {len(labels)} labels for {len(args.files)} files")
+        paths.append(save_sample_rows(args.files, labels, args.out / "samples_rows.png", args.count))
     else:
         dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
                                           candidates=["mnist", "fashion-mnist"])
