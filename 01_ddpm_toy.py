@@ -12,12 +12,9 @@ New here:
 Left out, added later: EMA, full ResNet blocks with dropout, attention, cosine schedule (lesson 02); class
 guidance (03); fast sampling in 50 steps (04); diffusion in a latent space (05).
 
-CPU:  python 01_ddpm_toy.py    9.1 min on a 2-core AMD EPYC VM on 2026-11-30 (8.4 train at ~710 images/s + 32 s
-      sampling 64 images; lesson 01's model timed at 630-670 images/s by GETTING_STARTED beside it); the same VM
-      ran 1.8x slower on other hours of that day (README "Speed on the CPU")
+CPU:  python 01_ddpm_toy.py    about 10-20 min on 2 cores (python GETTING_STARTED.py predicts yours)
 GPU:  python 01_ddpm_toy.py --device cuda --epochs 40 --width 32 --batch-size 128 --lr 2e-3 --snr-gamma 0
-      3.7 min on one H100 (3.4 train + 2 s sample), with the training recipe before batch 64, lr 4e-3 and
-      min-SNR (these three flags restore it); today's recipe is not measured on a GPU
+      3.7 min on one H100, in the recipe that the last three flags restore (the CPU recipe is not timed on a GPU)
 Writes to outputs/01_ddpm_toy/: forward.png (the forward process), checkpoint.pt, samples.png,
 samples.npz, denoising.gif, denoising.png, loss.png, metrics.csv.
 """
@@ -59,13 +56,13 @@ def parse_args(argv=None):
     length.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps instead")
     parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="images per step (paper: 128; 64 gives twice the updates in the same minutes and "
-                             "better samples here: README \"Lesson 01's recipe\")")
+                             "better samples here: docs/lesson01.md \"Lessons learned\")")
     parser.add_argument("--lr", type=positive_float, default=4e-3,
                         help="peak Adam learning rate, warm-up then cosine decay (paper: 2e-4 constant; 4e-3 "
                              "measured better than 2e-3 here)")
     parser.add_argument("--snr-gamma", type=non_negative_float, default=SNR_GAMMA,
                         help="min-SNR-gamma loss weighting (Hang et al. 2023); 0: DDPM's plain loss (measured worse "
-                             "here: README \"Lesson 01's recipe\")")
+                             "here: docs/lesson01.md \"Lessons learned\")")
     parser.add_argument("--width", type=positive_int, default=16,
                         help="U-Net channels at full resolution, doubled at each downsampling (DDPM's released code: 128)")
     parser.add_argument("--timesteps", type=positive_int, default=None,
@@ -211,7 +208,7 @@ def loss_fn(model, x0, schedule, generator, snr_gamma=SNR_GAMMA):
     # bit of noise competes with the noisy steps that draw the shapes. min(SNR_t, gamma) / SNR_t turns down
     # the steps with SNR_t > gamma and leaves the others at 1; with gamma = 5 and T = 1000 that is t < 130,
     # and t = 0 by a factor of 2000. Here it lowered the FD of the samples by 15% in the same training steps
-    # (README "Lesson 01's recipe").
+    # (docs/lesson01.md "Lessons learned").
     alpha_bar_t = schedule["alpha_bars"][t]  # [B]
     snr_t = alpha_bar_t / (1.0 - alpha_bar_t)
     return (snr_t.clamp(max=snr_gamma) / snr_t * per_image).mean()
@@ -236,7 +233,7 @@ def sample_step(model, x_t, t, constants, generator):
     # Algorithm 2, line 4: x_{t-1} = mu + sigma_t z. DDPM Section 3.2 offers two variances, sigma_t^2 = beta_t or
     # the posterior's beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (Eq. 7). We use beta_tilde:
     # with a perfect eps_pred each step is then an exact draw from q(x_{t-1} | x_t, x_0), and on this lesson's
-    # model it scored a little better (README "Lesson 01's recipe").
+    # model it scored a little better (docs/lesson01.md "Lessons learned").
     posterior_variance = (1.0 - alpha_bars[t - 1]) / (1.0 - alpha_bars[t]) * betas[t]
     return mean + math.sqrt(posterior_variance) * torch.randn(x_t.shape, device=x_t.device, generator=generator)
 
@@ -261,7 +258,7 @@ def sample(model, schedule, shape, generator, keep=()):
 
 def learning_rate(step, total_steps, peak):
     """Linear warm-up, then cosine decay to 0: in a short run the decay does what EMA does in lesson 02
-    (an EMA of the weights on top of it did not improve this lesson's samples: README "Lesson 01's recipe")."""
+    (an EMA of the weights on top of it did not improve this lesson's samples: docs/lesson01.md "Lessons learned")."""
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -353,7 +350,7 @@ def build_model(config, device):
     if device.type == "cpu":
         # The same network and arithmetic, its tensors stored with each pixel's channels side by side (NHWC,
         # "channels_last"): the development VM's 2-core CPU ran its convolutions 1.1-1.2x as fast on it, which
-        # pays for most of the sixth epoch (README "Lesson 01's recipe"). Not measured on GPUs: they keep the
+        # pays for most of the sixth epoch (docs/lesson01.md "Lessons learned"). Not measured on GPUs: they keep the
         # default layout.
         model = model.to(memory_format=torch.channels_last)
     return model

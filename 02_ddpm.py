@@ -11,10 +11,8 @@ New here:
   - training as large runs do it: AdamW, warm-up, clipping, checkpoints, mixed precision, several GPUs.
 Left out, added later: class conditioning (lesson 03), fast sampling (04), latent space (05).
 
-CPU:  python 02_ddpm.py    31.5 min on a 2-core AMD EPYC VM on 2026-11-29 (29.6 train + 1.8 sample);
-      with --prediction eps, the default until then: 23.6 min (21.8 + 1.6) and, on a slower day,
-      37.1 min (34.3 + 2.6; README "Results")
-GPU:  python 02_ddpm.py --device cuda    1.9 min on one H100 (1.5 train + 11 s sample, bf16)
+CPU:  python 02_ddpm.py    about 30-45 min on 2 cores (python GETTING_STARTED.py predicts yours)
+GPU:  python 02_ddpm.py --device cuda    1.9 min on one H100 (bf16)
 The paper's 35.7M-parameter CIFAR-10 model and recipe (about 14 h on one H100, estimated from the
 2012 images/s that benchmarks/lesson02_speed.py measured; not run to the end here):
       python 02_ddpm.py --dataset cifar10 --device cuda --width 128 --channel-mults 1,2,2,2 --num-res-blocks 2
@@ -98,7 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--prediction", choices=["eps", "v"], default="v",
                         help="what the network predicts: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & "
                              "Ho 2022), or eps, the noise (paper); eps samples better with 1000 DDPM steps, v with "
-                             "deterministic few-step samplers (lesson 04): README 'eps or v?'")
+                             "deterministic few-step samplers (lesson 04): docs/lesson02.md 'eps or v?'")
     parser.add_argument("--variance", choices=["posterior", "beta"], default="posterior",
                         help="sampling variance sigma_t^2: the posterior's beta_tilde_t, or beta_t (paper: both work)")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
@@ -340,7 +338,7 @@ class EMA:
 
     The average is smoother than the weights of any one step, which jump around with the gradient noise: in
     this lesson's default run, sampling its last weights instead drew pictures 44 FD further from the data
-    (README "Each default run, end to end").
+    (docs/lesson02.md "Lessons learned").
     """
 
     def __init__(self, model, decay):
@@ -349,7 +347,7 @@ class EMA:
 
     def decay_at(self, step):
         """Warm-up: at step n the decay is (1 + n) / (10 + n), an average over about the last ninth of the steps so
-        far, so the random start is forgotten fast; an average over the last third measured worse here (README)."""
+        far, so the random start is forgotten fast; an average over the last third measured worse here (docs/lesson02.md "Lessons learned")."""
         return min(self.decay, (1 + step) / (EMA_WARMUP + step))
 
     @torch.no_grad()

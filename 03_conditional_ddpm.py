@@ -8,9 +8,8 @@ New here:
   - guided sampling eps = (1 + w) eps(x, c) - w eps(x), both predictions in one doubled batch.
 Left out: several GPUs and mixed precision (see lesson 02); fast sampling (04); latent space (05).
 
-CPU:  python 03_conditional_ddpm.py    23.8 min on a 2-core AMD EPYC VM (18.4 train + 5.3 sample);
-      35.2 min on a slower day of the same VM (27.0 train + 8.0 sample; README "Results")
-GPU:  python 03_conditional_ddpm.py --device cuda --epochs 15 --width 32    3.9 min on one H100 (3.6 train)
+CPU:  python 03_conditional_ddpm.py    about 30-45 min on 2 cores (python GETTING_STARTED.py predicts yours)
+GPU:  python 03_conditional_ddpm.py --device cuda --epochs 15 --width 32    3.9 min on one H100
 Writes to outputs/03_conditional_ddpm/: checkpoint.pt, samples.png (one row per class), samples.npz
 (images and labels), guidance.png (rows: w, columns: classes), denoising.gif, denoising.png, loss.png,
 metrics.csv.
@@ -42,7 +41,7 @@ ATTENTION_LEVEL = 1  # self-attention at the second resolution (14x14 for MNIST,
 EMA_WARMUP = 10  # EMA decay rises as (1 + step) / (10 + step) towards --ema-decay
 # w of samples.png. At 250 samples per w on the default run's model, w = 1 was as close to the data as no guidance
 # (FD 22.1; 27.8 at w = 0, 39.9 at w = 2) with 97.2% of samples of the class asked for (81.2% at w = 0, 99.2% at
-# w = 2): README "Each default run", its w sweep.
+# w = 2): docs/lesson03.md "How strong should guidance be?".
 GUIDANCE_WEIGHT = 1.0
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # guidance strengths w in guidance.png, one row each
 LOG_EVERY = 50  # steps between rows of metrics.csv

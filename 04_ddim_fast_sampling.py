@@ -11,11 +11,11 @@ New here:
     on timesteps equally spaced in log-SNR.
 Left out: class guidance (lesson 03); latent space (05).
 
-CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    65 s on a 2-core AMD EPYC VM
-      (64 images in 50 DDIM steps: 7.6 s; the rest is steps.png and the inversion sweep; 2026-11-29, lesson 02's
-      default v checkpoint). With --sampler dpm-solver++ --steps 10: 58 s, of which 64 images in 1.8 s.
+CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    about 2 min on 2 cores, after
+      lesson 02 (python GETTING_STARTED.py predicts yours)
 GPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt --device cuda    (not timed yet)
-Compare with DDPM, timed and scored: python examples/compare_methods.py (README, "Lesson 04").
+Compare with DDPM, timed and scored: python examples/compare_methods.py
+(docs/lesson04.md "DDIM and DPM-Solver++ against DDPM on one model").
 Without --checkpoint it first trains lesson 02's default model with lesson 02's objective.
 Writes to outputs/04_ddim_fast_sampling/: samples.png, samples.npz, steps.png (the same noise at
 10, 20, 50, 100 and 1000 steps), inversion.png, inversion_error.png (reconstruction error per step
@@ -48,7 +48,7 @@ ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's check
 EMA_WARMUP = 10
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # diffusers' names, DDIM's, DPM-Solver's
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)"}  # --sampler -> the name shown
-DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr"}  # each sampler's best, measured (README, "Lesson 04")
+DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr"}  # each sampler's best, measured (docs/lesson04.md "Lessons learned")
 DEFAULT_STEPS = 50  # network calls of the sampler
 STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png (those up to the checkpoint's T, and T itself)
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
@@ -86,7 +86,7 @@ def parse_args(argv=None):
                              f"at most T")
     parser.add_argument("--eta", type=non_negative_float, default=0.0,
                         help="noise of each DDIM step (Eq. 16), in [0, 1]: 0 deterministic, 1 DDPM-like "
-                             "(README, 'Lesson 04')")
+                             "(docs/lesson04.md 'Lessons learned')")
     parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim",
                         help="ddim: Eq. 12 with --eta; dpm-solver++: DPM-Solver++(2M), deterministic and second "
                              "order, good in 10-20 steps (Lu et al. 2022)")
@@ -94,7 +94,7 @@ def parse_args(argv=None):
                         help="which timesteps the steps visit, named as in diffusers: trailing starts at T - 1 "
                              "(Lin et al. 2024); leading is the DDIM paper's floor(c i); quadratic its Appendix D.2; "
                              "logsnr equal steps in log-SNR (DPM-Solver). Default: trailing for ddim, logsnr for "
-                             "dpm-solver++ (measured: README, 'Lesson 04')")
+                             "dpm-solver++ (measured: docs/lesson04.md 'Lessons learned')")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                         help="clip the predicted x0 to [-1, 1] in each step. Default: on for eps-prediction "
                              "checkpoints (x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) blows up near "

@@ -10,8 +10,7 @@ New here:
   - stage 2: the DDPM objective on latents instead of pixels, then DDIM in latent space and one decode.
 Left out: the perceptual and adversarial losses of the paper's autoencoders, and text conditioning.
 
-CPU:  python 05_latent_diffusion.py    22 min on a 2-core AMD EPYC VM (5.6 autoencoder + 14.7 diffusion,
-      ~1000 latents/s; 64 samples in seconds); 21.9 min on another day (5.9 + 15.2, ~965 latents/s)
+CPU:  python 05_latent_diffusion.py    about 15-30 min on 2 cores (python GETTING_STARTED.py predicts yours)
 GPU:  python 05_latent_diffusion.py --device cuda    (not timed yet)
 Writes to outputs/05_latent_diffusion/: autoencoder.pt, checkpoint.pt, reconstructions.png, latents.png,
 samples.png, samples.npz, denoising.gif, denoising.png, loss.png, autoencoder_loss.png, metrics.csv,
@@ -43,7 +42,7 @@ DEFAULT_STEPS = 200  # DDIM steps when sampling
 # schedule's alpha_bar is 2.4e-9, and z0_pred = (z_t - sqrt(1 - alpha_bar) eps_pred) / sqrt(alpha_bar) multiplies
 # the network's error in eps by 1 / sqrt(alpha_bar) = 20,000. Lesson 04 clips x0_pred to the pixels' [-1, 1]
 # there, or predicts v; latents have no range to clip to, and this model predicts eps. Measured on the default
-# model (README "Lesson 05"): trailing drew decoded noise (FD 383 at 1000 samples), leading garments.
+# model (docs/lesson05.md "Why lesson 05 starts at the DDIM paper's timesteps"): trailing drew decoded noise (FD 383 at 1000 samples), leading garments.
 DEFAULT_SPACING = "leading"
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
 ATTENTION_MAX_SIZE = 16  # self-attention at resolutions of 16x16 and below (DDPM: at 16x16)

@@ -29,9 +29,9 @@ MIN_FREE_GIB = 0.5  # a run writes a few MB; a dataset download needs up to 0.2 
 TIMED_SECONDS = 3.0  # how long to time the toy model (after warm-up)
 PROBE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's first MNIST mirror
 
-# Each lesson's default CPU run as measured on the development machine (a 2-core AMD EPYC VM; README
-# "Results"): (wall minutes, images/s of lesson 01's default model on that machine that day). The VM's speed
-# varies from day to day, and not by the same factor for every lesson, so a lesson measured on two days
+# Each lesson's default CPU run as measured on the development machine (a 2-core AMD EPYC VM;
+# docs/experiments/2026-11_default_runs.md "Results (2026-11-23 to 2026-11-29)"): (wall minutes,
+# images/s of lesson 01's default model on that machine that day). The VM's speed varies from day to day, and not by the same factor for every lesson, so a lesson measured on two days
 # predicts from both (predicted_minutes). Day 1: lesson 01's run trained at ~600 images/s (its own log);
 # lessons 02 and 03 ran on the day benchmarks/lesson01_speed.py measured 707 images/s. Day 2 (2026-11-23):
 # all five in one `python benchmarks/quality.py` with nothing else running; this script then measured 330 and
@@ -265,7 +265,7 @@ def learning_path(rate, device):
             here = predicted_minutes(runs, rate)
             estimate = f"about {here:.0f} min here" if here >= 1.5 else f"about {here * 60:.0f} s here"
         else:
-            estimate = "minutes on a GPU (README 'Results')"
+            estimate = "minutes on a GPU (README 'The lessons')"
         print(f"  {index}. python {command}\n       {teaches}\n       {estimate}")
     if device.type == "cpu":
         print("  (Times scale each lesson's measured runs by lesson 01's speed here. Lessons with larger networks\n"

@@ -1,12 +1,12 @@
 """Each lesson's default run, end to end: wall time, peak memory, training speed and sample quality.
 
-    python benchmarks/quality.py                          # every lesson, as the README runs it, scored at
+    python benchmarks/quality.py                          # every lesson, as README "The lessons" runs it, scored at
                                                           # NUM_SAMPLES (about 2.5 h on 2 CPU cores)
     python benchmarks/quality.py --lessons 01 02          # some of them
     python benchmarks/quality.py --lessons 03 --reuse     # score runs already in --runs without training again
 
-Runs each lesson's README command as its own process (output folder --runs/<lesson>), with --num-samples set
-to NUM_SAMPLES (so its wall time includes drawing that many, not the default 64), then scores the
+Runs each lesson's command of README "The lessons" as its own process (output folder --runs/<lesson>), with
+--num-samples set to NUM_SAMPLES (so its wall time includes drawing that many, not the default 64), then scores the
 samples.npz it wrote with utils.metrics against the dataset's test split, beside the real-data floor at
 the same sample count (the Frechet distance of as many real training images). Peak memory is the
 process's maximum resident set size. Lesson 04 samples lesson 02's checkpoint, so it needs lesson 02's run.
@@ -32,7 +32,7 @@ from common import RESULTS, ROOT, load_lesson
 from utils import metrics
 from utils.runtime import load_checkpoint, positive_int
 
-LESSONS = {  # the README's default command of each lesson, without --out
+LESSONS = {  # each lesson's default command (README "The lessons"), without --out
     "01": ["01_ddpm_toy.py"],
     "02": ["02_ddpm.py"],
     "03": ["03_conditional_ddpm.py"],

@@ -88,7 +88,7 @@ def parse_args(argv=None):
                         help="images per fast sampler (FD ranks methods from about 1000)")
     parser.add_argument("--ddpm-samples", type=positive_int, default=256,
                         help="images for DDPM-1000, the first of the same noises (1.9-2.5 s per image measured on a "
-                             "2-core CPU: README 'Lesson 04'; at most --num-samples)")
+                             "2-core CPU: docs/lesson04.md 'Sampling many images'; at most --num-samples)")
     parser.add_argument("--batch-size", type=positive_int, default=SAMPLE_BATCH_SIZE,
                         help="images per network call, every method")
     parser.add_argument("--no-metrics", action="store_true", help="time only; skip utils.metrics")

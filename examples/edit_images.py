@@ -46,7 +46,7 @@ STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)  # SDEdit's sweep: faithful to the input a
 TRANSLATE_WEIGHTS = (0.0, 2.0, 4.0)  # rows of translate.png: the guidance weight w of lesson 03
 STROKES = 4  # random strokes in the "strokes" mask
 SHOWN = 4  # results per setting in each figure (different noises)
-MEASURE_BATCH = 100  # images per batch for --measure (the README's tables were measured with it)
+MEASURE_BATCH = 100  # images per batch for --measure (docs/edit_images.md "Edit real images with a trained model": its tables)
 
 
 lesson03 = load_lesson("03_conditional_ddpm.py")

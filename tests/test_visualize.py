@@ -75,6 +75,11 @@ def test_sample_rows_set_runs_side_by_side_and_refuse_a_wrong_file(tmp_path):
     assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # two rows of eight: wider than tall
     dark, light = (picture[..., :3] < 40).sum(), (picture[..., :3] > 215).sum()
     assert dark > 0 and light > 0  # both rows drawn
+    ramp = visualize.save_samples_npz(torch.linspace(-1, 1, 60).view(60, 1, 1, 1).expand(60, 1, 28, 28),
+                                      tmp_path / "ramp.npz")
+    strided = imageio.imread(visualize.save_sample_rows([ramp], ["ramp"], tmp_path / "s.png", count=10, stride=6))
+    plain = imageio.imread(visualize.save_sample_rows([ramp], ["ramp"], tmp_path / "p.png", count=10))
+    assert strided.shape == plain.shape and strided[..., :3].mean() > plain[..., :3].mean()  # 0, 6, ..., 54: lighter
     np.savez(tmp_path / "other.npz", something=np.zeros(3))
     with pytest.raises(LessonError, match="is not a lesson's samples.npz"):
         visualize.save_sample_rows([tmp_path / "other.npz"], ["x"], tmp_path / "bad.png")

@@ -352,7 +352,7 @@ def _folder_dataset(folder, images, labels, classes):
 
 
 DATASET_HELP = ("training images: mnist, fashion-mnist, cifar10, or a folder of your own pictures (PNG, JPEG, GIF, "
-                "WebP or BMP, any size; one subfolder per class gives labels; README: 'Train on your own images')")
+                "WebP or BMP, any size; one subfolder per class gives labels; docs/own_images.md 'Train on your own images')")
 
 
 def dataset_or_folder(text):

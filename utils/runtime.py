@@ -209,7 +209,7 @@ def saved_timesteps(config, chosen, path, default=1000):
 
 
 SAMPLE_BATCH_SIZE = 64  # images per sampling batch: within 8% of the fastest per image for the 28x28 networks
-# of lessons 01-04, where one batch of 1000 ran 2.3-3.2x slower per image (benchmarks/sample_batch.py, README)
+# of lessons 01-04, where one batch of 1000 ran 2.3-3.2x slower per image (benchmarks/sample_batch.py; docs/lesson04.md "Sampling many images")
 
 
 def in_batches(count, batch_size, draw):

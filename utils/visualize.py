@@ -275,8 +275,9 @@ def save_schedules(betas_by_name, path):
     return Path(path)
 
 
-def save_sample_rows(files, labels, path, count=8):
-    """One row per samples.npz file (its first `count` images), labelled on the left: runs side by side. Files of
+def save_sample_rows(files, labels, path, count=8, stride=1):
+    """One row per samples.npz file (its images 0, stride, 2 stride, ... up to `count` of them), labelled on the
+    left: runs side by side (stride 6 of lesson 03's 60 samples gives one per class). Files of
     other sizes or channels are shown at the first file's size, in colour if any is. Raises LessonError for a
     file that is not a lesson's samples.npz or holds fewer than `count` images."""
     rows = []
@@ -286,9 +287,10 @@ def save_sample_rows(files, labels, path, count=8):
                 images = arrays["images"]
         except (OSError, ValueError, KeyError) as error:
             raise LessonError(f"{file} is not a lesson's samples.npz ({error})") from None
-        if images.ndim != 4 or len(images) < count:
-            raise LessonError(f"{file} holds {len(images)} images of shape {images.shape[1:]}; need {count} of H x W x C")
-        rows.append(torch.from_numpy(images[:count]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        if images.ndim != 4 or len(images[::stride]) < count:
+            raise LessonError(f"{file} holds {len(images)} images of shape {images.shape[1:]}; need {count} of "
+                              f"H x W x C every {stride}")
+        rows.append(torch.from_numpy(images[::stride][:count]).permute(0, 3, 1, 2).float() / 127.5 - 1)
     size = rows[0].shape[-1]
     channels = max(row.shape[1] for row in rows)
     rows = [torch.nn.functional.interpolate(row, size=(size, size), mode="nearest").expand(-1, channels, -1, -1)
@@ -372,6 +374,8 @@ def parse_args(argv=None):
     samples.add_argument("files", nargs="+", type=Path, help="samples.npz files written by lessons")
     samples.add_argument("--labels", nargs="+", help="one label per file (default: each file's folder name)")
     samples.add_argument("--count", type=positive_int, default=8, help="images per row")
+    samples.add_argument("--stride", type=positive_int, default=1,
+                         help="take every stride-th sample (6 shows one of each class of lesson 03's 60)")
     return parser.parse_args(argv)
 
 
@@ -389,7 +393,8 @@ def main(argv=None):
         labels = args.labels or [file.parent.name for file in args.files]
         if len(labels) != len(args.files):
             raise LessonError(f"--labels gives {len(labels)} labels for {len(args.files)} files")
-        paths.append(save_sample_rows(args.files, labels, args.out / "samples_rows.png", args.count))
+        paths.append(save_sample_rows(args.files, labels, args.out / "samples_rows.png", args.count,
+                                      args.stride))
     else:
         dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
                                           candidates=["mnist", "fashion-mnist"])
