@@ -30,15 +30,15 @@ TIMED_SECONDS = 3.0  # how long to time the toy model (after warm-up)
 PROBE_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's first MNIST mirror
 
 # Each lesson's default CPU run as measured on the development machine (a 2-core AMD EPYC VM;
-# docs/experiments/2026-11_default_runs.md "Results (2026-11-23 to 2026-11-29)"): (wall minutes,
-# images/s of lesson 01's default model on that machine that day). The VM's speed varies from day to day, and not by the same factor for every lesson, so a lesson measured on two days
-# predicts from both (predicted_minutes). Day 1: lesson 01's run trained at ~600 images/s (its own log);
-# lessons 02 and 03 ran on the day benchmarks/lesson01_speed.py measured 707 images/s. Day 2 (2026-11-23):
-# all five in one `python benchmarks/quality.py` with nothing else running; this script then measured 330 and
-# 325 images/s (`python GETTING_STARTED.py --offline --seconds 10`, twice), and lesson 01's run logged 325.
-# Lessons 04 and 05 use day 2 alone: day 1 has no measured speed for them. Lesson 01 uses day 3 alone
-# (2026-11-30, its recipe since then: 6 epochs in the channels_last layout): `python 01_ddpm_toy.py` ran 9.1 min,
-# and this script measured 670 and 630 images/s just before and after it.
+# docs/experiments/2026-11_default_runs.md "Results (2026-11-23 to 2026-11-29)"): (wall minutes, images/s of lesson
+# 01's default model on that machine that day). The VM's speed varies from day to day, and not by the same factor
+# for every lesson, so a lesson measured on two days predicts from both (predicted_minutes). Day 1: lesson 01's run
+# trained at ~600 images/s (its own log); lessons 02 and 03 ran on the day benchmarks/lesson01_speed.py measured 707
+# images/s. Day 2 (2026-11-23): all five in one `python benchmarks/quality.py` with nothing else running; this
+# script then measured 330 and 325 images/s (`python GETTING_STARTED.py --offline --seconds 10`, twice), and lesson
+# 01's run logged 325. Lessons 04 and 05 use day 2 alone: day 1 has no measured speed for them. Lesson 01 uses day 3
+# alone (2026-11-30, its recipe since then: 6 epochs in the channels_last layout): `python 01_ddpm_toy.py` ran 9.1
+# min, and this script measured 670 and 630 images/s just before and after it.
 DAY_2_RATE = 328
 LESSONS = [
     ("01_ddpm_toy.py", "the forward process, a small noise-predicting U-Net, the simple loss (min-SNR weighted), DDPM sampling",
