@@ -11,7 +11,7 @@ New here:
   - training as large runs do it: AdamW, warm-up, clipping, checkpoints, mixed precision, several GPUs.
 Left out, added later: class conditioning (lesson 03), fast sampling (04), latent space (05).
 
-CPU:  python 02_ddpm.py    about 30-45 min on 2 cores (python GETTING_STARTED.py predicts yours)
+CPU:  python 02_ddpm.py    about 25-50 min on 2 cores (python GETTING_STARTED.py predicts yours)
 GPU:  python 02_ddpm.py --device cuda    1.9 min on one H100 (bf16)
 The paper's 35.7M-parameter CIFAR-10 model and recipe (about 14 h on one H100, estimated from the
 2012 images/s that benchmarks/lesson02_speed.py measured; not run to the end here):

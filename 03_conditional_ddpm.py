@@ -8,7 +8,7 @@ New here:
   - guided sampling eps = (1 + w) eps(x, c) - w eps(x), both predictions in one doubled batch.
 Left out: several GPUs and mixed precision (see lesson 02); fast sampling (04); latent space (05).
 
-CPU:  python 03_conditional_ddpm.py    about 30-45 min on 2 cores (python GETTING_STARTED.py predicts yours)
+CPU:  python 03_conditional_ddpm.py    about 25-45 min on 2 cores (python GETTING_STARTED.py predicts yours)
 GPU:  python 03_conditional_ddpm.py --device cuda --epochs 15 --width 32    3.9 min on one H100
 Writes to outputs/03_conditional_ddpm/: checkpoint.pt, samples.png (one row per class), samples.npz
 (images and labels), guidance.png (rows: w, columns: classes), denoising.gif, denoising.png, loss.png,

@@ -11,7 +11,7 @@ New here:
     on timesteps equally spaced in log-SNR.
 Left out: class guidance (lesson 03); latent space (05).
 
-CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    about 2 min on 2 cores, after
+CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    about 1-2 min on 2 cores, after
       lesson 02 (python GETTING_STARTED.py predicts yours)
 GPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt --device cuda    (not timed yet)
 Compare with DDPM, timed and scored: python examples/compare_methods.py
@@ -85,8 +85,9 @@ def parse_args(argv=None):
                         help=f"network calls of the sampler (default {DEFAULT_STEPS}, or the model's T if smaller), "
                              f"at most T")
     parser.add_argument("--eta", type=non_negative_float, default=0.0,
-                        help="noise of each DDIM step (Eq. 16), in [0, 1]: 0 deterministic, 1 DDPM-like "
-                             "(docs/lesson04.md 'Lessons learned')")
+                        help="noise of each DDIM step (Eq. 16), in [0, 1]: 0 deterministic, 1 DDPM-like; why 0 "
+                             "suits v models and not eps ones: docs/lesson04.md "
+                             "\"Where deterministic DDIM's speckle came from, and why v-prediction removes it\"")
     parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim",
                         help="ddim: Eq. 12 with --eta; dpm-solver++: DPM-Solver++(2M), deterministic and second "
                              "order, good in 10-20 steps (Lu et al. 2022)")

@@ -10,7 +10,7 @@ New here:
   - stage 2: the DDPM objective on latents instead of pixels, then DDIM in latent space and one decode.
 Left out: the perceptual and adversarial losses of the paper's autoencoders, and text conditioning.
 
-CPU:  python 05_latent_diffusion.py    about 15-30 min on 2 cores (python GETTING_STARTED.py predicts yours)
+CPU:  python 05_latent_diffusion.py    about 15-25 min on 2 cores (python GETTING_STARTED.py predicts yours)
 GPU:  python 05_latent_diffusion.py --device cuda    (not timed yet)
 Writes to outputs/05_latent_diffusion/: autoencoder.pt, checkpoint.pt, reconstructions.png, latents.png,
 samples.png, samples.npz, denoising.gif, denoising.png, loss.png, autoencoder_loss.png, metrics.csv,
