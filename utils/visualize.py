@@ -80,12 +80,48 @@ def save_samples_grid(images, path, labels=None, limit=SAMPLES_GRID_LIMIT):
     return save_grid(shown, path, nrow=nrow)
 
 
-def save_samples_npz(images, path, labels=None):
-    """Save samples as uint8 N x H x W x C under key `images` (and `labels` when given)."""
+def save_samples_npz(images, path, labels=None, captions=None):
+    """Save samples as uint8 N x H x W x C under key `images` (and `labels`, or `captions` as strings, when given)."""
     arrays = {"images": to_uint8(images)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels, dtype=np.int64)
+    if captions is not None:
+        arrays["captions"] = np.asarray(captions, dtype=str)
     np.savez_compressed(path, **arrays)
+    return Path(path)
+
+
+def save_captioned_rows(rows, captions, path, scale=DISPLAY_SCALE):
+    """rows [R, N, C, H, W] in [-1, 1]: one row of N pictures per caption, the caption printed above its row."""
+    count, per_row = rows.shape[:2]
+    figure, axes = plt.subplots(count, 1, figsize=(max(4.0, per_row * rows.shape[-1] * scale / 100 + 0.4),
+                                                   count * (rows.shape[-2] * scale / 100 + 0.45)), squeeze=False)
+    for axis, row, text in zip(axes[:, 0], rows, captions):
+        axis.imshow(grid_image(row, nrow=per_row, scale=scale))
+        axis.set_title(text, fontsize=9)
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+def save_attention_maps(image, maps, words, path):
+    """A picture [C, H, W] in [-1, 1] and one attention map per word [len(words), H, W] (any scale): the picture,
+    then each word's map over it, titled with the word (Prompt-to-Prompt's figure of cross-attention)."""
+    picture = to_uint8(image[None])[0]
+    figure, axes = plt.subplots(1, len(words) + 1, figsize=(1.9 * (len(words) + 1), 1.6))
+    axes[0].imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
+    axes[0].set_title("picture", fontsize=8)
+    for axis, word, heat in zip(axes[1:], words, maps.detach().float().cpu()):
+        axis.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
+        axis.imshow(heat.numpy(), cmap="inferno", alpha=0.6)
+        axis.set_title(word, fontsize=8)
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
     return Path(path)
 
 
