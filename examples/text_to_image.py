@@ -398,9 +398,10 @@ def attention_maps(record, size):
 
 # --- training ---
 
-def train(args, model, items, config, device, start):
+def train(args, model, items, config, device, start, autoencoder_state):
     """Train the text encoder and U-Net together on freshly drawn canvases; returns the EMA model in eval mode.
-    Writes checkpoint.pt (everything sampling needs) and metrics.csv."""
+    Writes checkpoint.pt (everything sampling needs, the frozen autoencoder's weights too, as a Stable Diffusion
+    pipeline ships its VAE) and metrics.csv."""
     latents, by_class, blank = items
     vocab = config["vocab"]
     ema = lesson05.EMA(model, args.ema_decay)
@@ -442,6 +443,7 @@ def train(args, model, items, config, device, start):
                 save_checkpoint({"format": CHECKPOINT_FORMAT, "lesson": LESSON, "config": config, "step": step,
                                  "model": model.state_dict(), "ema": ema.model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                 "autoencoder": autoencoder_state,
                                  "noise_generator": noise_generator.get_state()}, path)
     log.close()
     if stop.requested:
@@ -450,6 +452,14 @@ def train(args, model, items, config, device, start):
 
 
 # --- the run ---
+
+def autoencoder_from(config, state):
+    """The frozen autoencoder of lesson 05 from its hyperparameters (config: channels, autoencoder_width,
+    latent_channels) and weights."""
+    autoencoder = lesson05.Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"])
+    autoencoder.load_state_dict(state)
+    return autoencoder.eval().requires_grad_(False)
+
 
 def load_autoencoder(path):
     """Lesson 05's checkpoint -> (frozen autoencoder, latent scale, its config). Refuses, in one line, a missing
@@ -462,9 +472,7 @@ def load_autoencoder(path):
     if config.get("dataset") not in ITEM_WORDS or config["image_size"] != 28 or config["latent_size"] != 7:
         raise LessonError(f"{path} was trained on {config.get('dataset')} at {config['image_size']} pixels; this "
                           f"example needs lesson 05 on {' or '.join(ITEM_WORDS)} at 28 (its captions name their classes)")
-    autoencoder = lesson05.Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"])
-    autoencoder.load_state_dict(checkpoint["autoencoder"])
-    return autoencoder.eval().requires_grad_(False), config["scale"], config
+    return autoencoder_from(config, checkpoint["autoencoder"]), config["scale"], config
 
 
 def write_outputs(model, autoencoder, scale, config, args, device):
@@ -503,7 +511,9 @@ def main(argv=None):
         path = args.checkpoint or args.out / "checkpoint.pt"
         checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
-        autoencoder, scale, _ = load_autoencoder(config["autoencoder_path"])
+        # the checkpoint carries its frozen autoencoder: it samples from any folder, lesson 05's files or not
+        autoencoder = autoencoder_from(config["autoencoder"], checkpoint["autoencoder"])
+        scale = config["autoencoder"]["scale"]
         model = TextToImage(len(config["vocab"]), config["width"])
         model.load_state_dict(checkpoint["ema"])
         args.out.mkdir(parents=True, exist_ok=True)
@@ -518,6 +528,8 @@ def main(argv=None):
         steps_per_epoch = len(dataset.images) // args.batch_size
         config = {"dataset": ae_config["dataset"], "words": words, "vocab": vocabulary(words), "width": args.width,
                   "timesteps": ae_config["timesteps"], "autoencoder_path": str(args.autoencoder),
+                  "autoencoder": {key: ae_config[key] for key in ("channels", "autoencoder_width", "latent_channels",
+                                                                   "scale")},
                   "steps": args.max_steps or args.epochs * steps_per_epoch}
         if start is not None:
             config = {**start["config"], "steps": config["steps"]}
@@ -533,7 +545,8 @@ def main(argv=None):
               f"autoencoder; text encoder {sum(p.numel() for p in model.text_encoder.parameters()) / 1e3:.0f}k and "
               f"U-Net {sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M parameters; "
               f"{len(HELD_OUT)} ordered pairs held out")
-        model = train(args, model, (latents, by_class, blank), config, device, start)
+        model = train(args, model, (latents, by_class, blank), config, device, start,
+                      {key: value.cpu() for key, value in autoencoder.state_dict().items()})
         paths = [args.out / "checkpoint.pt", args.out / "metrics.csv",
                  visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),
                  *write_outputs(model, autoencoder, scale, config, args, device)]
