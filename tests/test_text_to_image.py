@@ -114,35 +114,33 @@ def classify_halves(z0, patterns):
     return [torch.cdist(h.flatten(1), patterns.flatten(1)).argmin(1) for h in halves]
 
 
-def test_a_tiny_model_trained_here_follows_a_two_item_caption_and_an_untrained_one_does_not():
-    """Items are fixed latent patterns (no autoencoder); after training, a prompt's left and right halves are the
-    patterns it names, also for a held-out pair; the same check on the untrained model fails."""
+def test_training_makes_the_true_caption_lower_the_loss_than_a_shuffled_one_also_on_held_out_pairs():
+    """Items are fixed latent patterns (no autoencoder). Before training the zero-initialised cross-attention
+    outputs make the caption change nothing (the two losses are equal); after a short training the denoising loss
+    with each canvas's own caption is clearly below the loss with the captions shuffled among the canvases, on
+    fresh canvases of held-out pairs as well as trained ones: the conditioning is alive and composes."""
     torch.manual_seed(0)
     patterns = torch.randn(10, 4, 7, 7)
     blank = torch.zeros(1, 4, 7, 7)
     by_class = [torch.tensor([c]) for c in range(10)]
     model = t2i.TextToImage(len(VOCAB), width=16)
     alpha_bars = load_lesson("05_latent_diffusion.py").make_schedule("cpu", 50)["alpha_bars"]
-    prompts = [t2i.caption(WORDS, a, b) for a, b in [(0, 5), (5, 8), (8, 2), (1, 0)]]  # (1, 0) is not trained
-    assert (1, 0) not in t2i.HELD_OUT and (0, 1) in t2i.HELD_OUT
+    held_out = sorted(t2i.HELD_OUT)
+    test_z0 = torch.stack([torch.cat([patterns[a], patterns[b]], dim=-1) for a, b in held_out * 4])
+    test_captions = [t2i.caption(WORDS, a, b, left_first=i % 2 == 0) for i, (a, b) in enumerate(held_out * 4)]
+    shuffled = test_captions[len(held_out) // 2:] + test_captions[:len(held_out) // 2]
+    assert all(a != b for a, b in zip(test_captions, shuffled))
 
-    def accuracy():
-        args = type("Args", (), {"guidance_scale": 3.0, "steps": 10, "eta": 0.0})
-        tokens, mask = t2i.tokenize(prompts, VOCAB)
-        empty_tokens, empty_mask = t2i.tokenize([""], VOCAB)
+    def loss_with(captions):
+        tokens, mask = t2i.tokenize(captions, VOCAB)
         with torch.no_grad():
-            text, empty = model.text_encoder(tokens, mask), model.text_encoder(empty_tokens, empty_mask)
-            denoise = lambda z, t: t2i.guided_eps(model, z, t, text, mask, empty, empty_mask, args.guidance_scale)  # noqa
-            z0, _ = load_lesson("05_latent_diffusion.py").ddim_sample(
-                denoise, alpha_bars, torch.randn(4, 4, 7, 14, generator=torch.Generator().manual_seed(1)), 10, 0.0)
-        left, right = classify_halves(z0, patterns)
-        return ((left == torch.tensor([0, 5, 8, 1])) & (right == torch.tensor([5, 8, 2, 0]))).float().mean().item()
+            return t2i.loss_fn(model, test_z0, tokens, mask, alpha_bars, torch.Generator().manual_seed(5)).item()
 
-    assert accuracy() <= 0.25
+    assert loss_with(test_captions) == loss_with(shuffled)  # zero-initialised outputs: the text is not read yet
     generator, noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     empty_tokens, empty_mask = t2i.tokenize([""], VOCAB)
-    for _ in range(400):
+    for _ in range(150):
         z0, captions = t2i.draw_canvases(32, patterns, by_class, blank, WORDS, generator)
         tokens, mask = t2i.drop_captions(*t2i.tokenize(captions, VOCAB), empty_tokens, empty_mask, generator)
         loss = t2i.loss_fn(model, z0, tokens, mask, alpha_bars, noise)
@@ -150,7 +148,8 @@ def test_a_tiny_model_trained_here_follows_a_two_item_caption_and_an_untrained_o
         loss.backward()
         optimizer.step()
     model.eval()
-    assert accuracy() == 1.0
+    true, wrong = loss_with(test_captions), loss_with(shuffled)
+    assert true < 0.8 * wrong, (true, wrong)
 
 
 def test_each_half_of_the_canvas_is_decoded_alone_as_it_was_encoded():
