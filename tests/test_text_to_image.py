@@ -108,26 +108,46 @@ def test_guidance_scale_means_diffusers_guidance_scale():
             assert torch.allclose(guided, empty_eps + s * (prompt_eps - empty_eps), atol=1e-5)
 
 
-def classify_halves(z0, patterns):
-    """Each half of canvases z0 [N, 4, 7, 14] -> the index of the nearest pattern [10, 4, 7, 7]."""
-    halves = [z0[..., :7], z0[..., 7:]]
-    return [torch.cdist(h.flatten(1), patterns.flatten(1)).argmin(1) for h in halves]
+def follow_rate(model, patterns, pairs, alpha_bars):
+    """Share of canvases sampled for the captions of `pairs` (guided DDIM, 20 steps, scale 3) whose halves are
+    both nearest to the patterns the caption names."""
+    captions = [t2i.caption(WORDS, a, b, left_first=i % 2 == 0) for i, (a, b) in enumerate(pairs)]
+    tokens, mask = t2i.tokenize(captions, VOCAB)
+    empty_tokens, empty_mask = t2i.tokenize([""], VOCAB)
+    model.eval()
+    with torch.no_grad():
+        text, empty = model.text_encoder(tokens, mask), model.text_encoder(empty_tokens, empty_mask)
+        generator = torch.Generator().manual_seed(3)
+        z_T = torch.randn((len(pairs),) + tuple(patterns.shape[1:-1]) + (2 * patterns.shape[-1],), generator=generator)
+        z0, _ = load_lesson("05_latent_diffusion.py").ddim_sample(
+            lambda z, t: t2i.guided_eps(model, z, t, text, mask, empty, empty_mask, 3.0), alpha_bars, z_T, 20, 0.0,
+            generator)
+    model.train()
+    half = patterns.shape[-1]
+    nearest = [torch.cdist(h.flatten(1), patterns.flatten(1)).argmin(1) for h in (z0[..., :half], z0[..., half:])]
+    wanted = torch.tensor(pairs)
+    return ((nearest[0] == wanted[:, 0]) & (nearest[1] == wanted[:, 1])).float().mean().item()
 
 
-def test_training_makes_the_true_caption_lower_the_loss_than_a_shuffled_one_also_on_held_out_pairs():
-    """Items are fixed latent patterns (no autoencoder). Before training the zero-initialised cross-attention
-    outputs make the caption change nothing (the two losses are equal); after a short training the denoising loss
-    with each canvas's own caption is clearly below the loss with the captions shuffled among the canvases, on
-    fresh canvases of held-out pairs as well as trained ones: the conditioning is alive and composes."""
+def test_a_tiny_model_trained_here_follows_two_item_captions_also_of_held_out_pairs():
+    """The whole recipe (draw_canvases, caption dropout, loss_fn, guided DDIM) on ten fixed random 'items', each a
+    [4, 2, 2] latent (the U-Net is convolutional, so a small canvas [4, 2, 4] trains in seconds). An untrained model
+    draws the two named items on their sides almost never; after 250 steps it draws them for 8 in 10 captions or
+    more, for the 20 held-out ordered pairs (never seen in training) as for 20 trained ones. Before training the
+    zero-initialised cross-attention outputs make the caption change nothing; after it, the denoising loss with
+    each canvas's own caption is below the loss with the captions shuffled among the canvases."""
     torch.manual_seed(0)
-    patterns = torch.randn(10, 4, 7, 7)
-    blank = torch.zeros(1, 4, 7, 7)
+    patterns = 0.5 * torch.randn(10, 4, 2, 2)
+    blank = torch.zeros(1, 4, 2, 2)
     by_class = [torch.tensor([c]) for c in range(10)]
-    model = t2i.TextToImage(len(VOCAB), width=16)
+    model = t2i.TextToImage(len(VOCAB), width=32)
     alpha_bars = load_lesson("05_latent_diffusion.py").make_schedule("cpu", 50)["alpha_bars"]
-    held_out = sorted(t2i.HELD_OUT)
-    test_z0 = torch.stack([torch.cat([patterns[a], patterns[b]], dim=-1) for a, b in held_out * 4])
-    test_captions = [t2i.caption(WORDS, a, b, left_first=i % 2 == 0) for i, (a, b) in enumerate(held_out * 4)]
+    held_out, trained = sorted(t2i.HELD_OUT), t2i.trained_pairs()[::3][:20]
+    assert len(trained) == 20 and not set(trained) & t2i.HELD_OUT
+
+    test_pairs = held_out * 4
+    test_z0 = torch.stack([torch.cat([patterns[a], patterns[b]], dim=-1) for a, b in test_pairs])
+    test_captions = [t2i.caption(WORDS, a, b, left_first=i % 2 == 0) for i, (a, b) in enumerate(test_pairs)]
     shuffled = test_captions[len(held_out) // 2:] + test_captions[:len(held_out) // 2]
     assert all(a != b for a, b in zip(test_captions, shuffled))
 
@@ -137,19 +157,24 @@ def test_training_makes_the_true_caption_lower_the_loss_than_a_shuffled_one_also
             return t2i.loss_fn(model, test_z0, tokens, mask, alpha_bars, torch.Generator().manual_seed(5)).item()
 
     assert loss_with(test_captions) == loss_with(shuffled)  # zero-initialised outputs: the text is not read yet
+    assert follow_rate(model, patterns, held_out, alpha_bars) <= 0.1
+    assert follow_rate(model, patterns, trained, alpha_bars) <= 0.1
+
     generator, noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     empty_tokens, empty_mask = t2i.tokenize([""], VOCAB)
-    for _ in range(150):
-        z0, captions = t2i.draw_canvases(32, patterns, by_class, blank, WORDS, generator)
+    for _ in range(250):
+        z0, captions = t2i.draw_canvases(64, patterns, by_class, blank, WORDS, generator)
         tokens, mask = t2i.drop_captions(*t2i.tokenize(captions, VOCAB), empty_tokens, empty_mask, generator)
         loss = t2i.loss_fn(model, z0, tokens, mask, alpha_bars, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    assert follow_rate(model, patterns, held_out, alpha_bars) >= 0.8
+    assert follow_rate(model, patterns, trained, alpha_bars) >= 0.8
     model.eval()
     true, wrong = loss_with(test_captions), loss_with(shuffled)
-    assert true < 0.8 * wrong, (true, wrong)
+    assert true < wrong, (true, wrong)
 
 
 def test_each_half_of_the_canvas_is_decoded_alone_as_it_was_encoded():
