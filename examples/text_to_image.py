@@ -16,8 +16,8 @@ New here:
 Left out: a pretrained text encoder (no CLIP can be downloaded here, and the paper's own text-to-image model
 trained its transformer from scratch too), a vocabulary beyond the grammar's words, and images larger than 28x56.
 
-CPU:  python 05_latent_diffusion.py, then python examples/text_to_image.py    (not yet timed)
-GPU:  python examples/text_to_image.py --device cuda    (not yet timed)
+CPU:  python 05_latent_diffusion.py, then python examples/text_to_image.py    about 18-21 min on 2 cores (after lesson 05)
+GPU:  python examples/text_to_image.py --device cuda    (not yet timed on a GPU)
 Writes to outputs/text_to_image/: checkpoint.pt, samples.png (each prompt above its pictures), samples.npz
 (images and captions), attention.png, guidance.png, loss.png, metrics.csv.
 """
@@ -62,6 +62,7 @@ GUIDANCE_SCALE = 3.0  # diffusers' guidance_scale = 1 + w of lesson 03
 SWEEP_SCALES = (1.0, 2.0, 3.0, 5.0)  # guidance.png
 DEFAULT_PROMPTS = ["a sandal on the left and a bag on the right", "a bag on the right and a sandal on the left",
                    "a boot on the left", "trousers on the right and a dress on the left"]
+TRAINING_FLAGS = ("autoencoder", "data_dir", "epochs", "max_steps", "batch_size", "lr", "width", "ema_decay")
 WARMUP_STEPS, GRAD_CLIP, LOG_EVERY, CHECKPOINT_EVERY = 200, 1.0, 50, 500  # as in lesson 05
 
 
@@ -102,6 +103,15 @@ def parse_args(argv=None):
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
+    if args.checkpoint is not None and not args.sample_only:
+        parser.error("--checkpoint is read by --sample-only only; to continue a training run use --resume "
+                     "(it reads OUT/checkpoint.pt)")
+    if args.sample_only:  # the checkpoint decides these: a value given here would be silently ignored
+        ignored = [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS
+                   if getattr(args, name) != parser.get_default(name)]
+        if ignored:
+            parser.error(f"{', '.join(ignored)} {'acts' if len(ignored) == 1 else 'act'} only in training; "
+                         f"--sample-only draws with the checkpoint's model")
     if args.width % 4 or args.width % HEADS:
         parser.error(f"--width must be a multiple of {max(4, HEADS)} (GroupNorm groups and attention heads), "
                      f"got {args.width}")
@@ -467,12 +477,32 @@ def load_autoencoder(path):
     if not Path(path).is_file():
         raise LessonError(f"no lesson 05 checkpoint at {path}: run python 05_latent_diffusion.py first (it writes "
                           f"outputs/05_latent_diffusion/checkpoint.pt), or pass --autoencoder")
-    checkpoint = load_checkpoint(path, lesson05.LESSON)
+    try:
+        checkpoint = load_checkpoint(path, lesson05.LESSON)
+    except LessonError as error:
+        raise LessonError(f"{error}; python 05_latent_diffusion.py writes the checkpoint this example needs "
+                          f"(outputs/05_latent_diffusion/checkpoint.pt)") from None
     config = checkpoint["config"]
     if config.get("dataset") not in ITEM_WORDS or config["image_size"] != 28 or config["latent_size"] != 7:
         raise LessonError(f"{path} was trained on {config.get('dataset')} at {config['image_size']} pixels; this "
-                          f"example needs lesson 05 on {' or '.join(ITEM_WORDS)} at 28 (its captions name their classes)")
+                          f"example needs lesson 05 on {' or '.join(ITEM_WORDS)} at 28, as python 05_latent_diffusion.py --dataset "
+                          f"fashion-mnist trains it (its captions name the classes)")
     return autoencoder_from(config, checkpoint["autoencoder"]), config["scale"], config
+
+
+def check_resumable(start, args, autoencoder, total_steps):
+    """--resume continues the same run: refuses, in one line, another width, another autoencoder (its latents
+    are what the U-Net learned to draw) and a length the checkpoint has already reached."""
+    path, saved = args.out / "checkpoint.pt", start["config"]
+    if saved["width"] != args.width:
+        raise LessonError(f"{path} was trained with --width {saved['width']}, this run has --width {args.width}")
+    current = autoencoder.state_dict()
+    if any(not torch.equal(value, current[name].cpu()) for name, value in start["autoencoder"].items()):
+        raise LessonError(f"{path} was trained on the latents of another autoencoder than the one in "
+                          f"{args.autoencoder} (lesson 05 was trained again since?); train afresh with another --out")
+    if start["step"] >= total_steps:
+        raise LessonError(f"{path} is at step {start['step']} already, and this run asks for {total_steps} steps: "
+                          f"pass a larger --max-steps or --epochs to train longer, or --sample-only to sample")
 
 
 def write_outputs(model, autoencoder, scale, config, args, device):
@@ -533,9 +563,8 @@ def main(argv=None):
                   "steps": args.max_steps or args.epochs * steps_per_epoch}
         if start is not None:
             config = {**start["config"], "steps": config["steps"]}
-        if start is not None and start["config"]["width"] != args.width:
-            raise LessonError(f"{args.out / 'checkpoint.pt'} was trained with --width {start['config']['width']}, "
-                              f"this run has --width {args.width}")
+        if start is not None:
+            check_resumable(start, args, autoencoder, config["steps"])
         latents, blank = item_latents(autoencoder.to(device), dataset.images, scale, device)
         labels = dataset.labels.to(device)
         by_class = [torch.nonzero(labels == c).flatten() for c in range(10)]

@@ -218,18 +218,27 @@ def write_lesson05_checkpoint(path, dataset="fashion-mnist"):
     return autoencoder
 
 
+SAMPLING = ["--steps", "3", "--num-samples", "2", "--device", "cpu"]
+
+
+def training_flags(tmp_path, out):
+    return ["--autoencoder", tmp_path / "05.pt", "--data-dir", tmp_path / "data", "--out", out, "--width", "8",
+            "--batch-size", "8", *SAMPLING]
+
+
+def cli(capsys, *args):
+    return run_in_process(t2i.main, "text_to_image.py", *map(str, args), capsys=capsys)
+
+
 def test_command_line_trains_samples_resumes_and_refuses_in_one_line(tmp_path, capsys):
-    data_dir = write_fashion_like(tmp_path / "data")
+    write_fashion_like(tmp_path / "data")
     autoencoder = write_lesson05_checkpoint(tmp_path / "05.pt")
     before = {name: value.clone() for name, value in autoencoder.state_dict().items()}
     out = tmp_path / "out"
-    common = ["--autoencoder", tmp_path / "05.pt", "--data-dir", data_dir, "--out", out, "--width", "8",
-              "--batch-size", "8", "--steps", "3", "--num-samples", "2", "--device", "cpu"]
+    train = training_flags(tmp_path, out)
 
-    def cli(*args):
-        return run_in_process(t2i.main, "text_to_image.py", *map(str, [*common, *args]), capsys=capsys)
-
-    first = cli("--max-steps", "3", "--prompt", "a bag on the left and a boot on the right", "--prompt", "a top on the right")
+    first = cli(capsys, *train, "--max-steps", "3", "--prompt", "a bag on the left and a boot on the right",
+                "--prompt", "a top on the right")
     assert first.returncode == 0, first.stderr
     for name in ("checkpoint.pt", "samples.png", "samples.npz", "attention.png", "guidance.png", "loss.png",
                  "metrics.csv"):
@@ -245,16 +254,71 @@ def test_command_line_trains_samples_resumes_and_refuses_in_one_line(tmp_path, c
     # the checkpoint carries that same frozen autoencoder, so it samples without lesson 05's file
     assert all(torch.equal(checkpoint["autoencoder"][name], before[name]) for name in before)
 
-    resumed = cli("--max-steps", "5", "--resume")
+    resumed = cli(capsys, *train, "--max-steps", "5", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert_one_line_error(cli(capsys, *train, "--max-steps", "5", "--resume"), "is at step 5 already")
+    assert_one_line_error(cli(capsys, *train, "--max-steps", "7", "--resume", "--width", "16"), "--width 8")
+    write_lesson05_checkpoint(tmp_path / "05_again.pt")  # lesson 05 trained again: other latents
+    assert_one_line_error(cli(capsys, *train, "--max-steps", "7", "--resume", "--autoencoder", tmp_path / "05_again.pt"),
+                          "another autoencoder")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5  # the refusals changed nothing
+
     (out / "samples.npz").unlink()
     (tmp_path / "05.pt").rename(tmp_path / "05_moved.pt")
-    sampled = cli("--sample-only", "--prompt", "a sandal on the left")
+    sampled = cli(capsys, "--sample-only", "--out", out, *SAMPLING, "--prompt", "a sandal on the left")
     assert sampled.returncode == 0 and (out / "samples.npz").is_file(), sampled.stderr
-
-    assert_one_line_error(cli("--sample-only", "--prompt", "a hat on the left"), "the word 'hat'")
+    assert np.load(out / "samples.npz")["captions"].tolist() == ["a sandal on the left"] * 2
     (tmp_path / "05_moved.pt").rename(tmp_path / "05.pt")
-    assert_one_line_error(cli("--autoencoder", tmp_path / "missing.pt"), "run python 05_latent_diffusion.py first")
+
+    assert_one_line_error(cli(capsys, "--sample-only", "--out", out, *SAMPLING, "--prompt", "a hat on the left"),
+                          "the word 'hat'")
+    assert_one_line_error(cli(capsys, *train, "--prompt", "a hat on the left"), "the word 'hat'")
+    assert_one_line_error(cli(capsys, *train, "--autoencoder", tmp_path / "missing.pt"),
+                          "run python 05_latent_diffusion.py first")
     torch.save({"format": 1, "lesson": "02_ddpm"}, tmp_path / "02.pt")
-    assert_one_line_error(cli("--autoencoder", tmp_path / "02.pt"), "02_ddpm")
+    assert_one_line_error(cli(capsys, *train, "--autoencoder", tmp_path / "02.pt"),
+                          "checkpoint of lesson 02_ddpm, not of 05_latent_diffusion; python 05_latent_diffusion.py")
+    assert_one_line_error(cli(capsys, *train, "--resume", "--out", tmp_path / "empty"), "checkpoint")
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize("flags,named", [(["--width", "16"], "--width"), (["--lr", "0.1", "--epochs", "2"],
+                                                                         "--epochs, --lr"),
+                                         (["--autoencoder", "x.pt"], "--autoencoder")])
+def test_sample_only_refuses_training_flags_it_would_ignore(flags, named, tmp_path, capsys):
+    refused = cli(capsys, "--sample-only", "--out", tmp_path, *SAMPLING, *flags)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and named in lines[0] and "only in training" in lines[0], lines
+
+
+def test_checkpoint_without_sample_only_is_refused(tmp_path, capsys):
+    refused = cli(capsys, *training_flags(tmp_path, tmp_path / "out"), "--checkpoint", tmp_path / "c.pt")
+    assert refused.returncode == 2 and "--resume" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_while_training_saves_the_step_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    write_fashion_like(tmp_path / "data")
+    write_lesson05_checkpoint(tmp_path / "05.pt")
+    out = tmp_path / "out"
+    real, calls = t2i.loss_fn, []
+
+    def loss_then_ctrl_c(*arguments):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of step 3
+        return real(*arguments)
+
+    monkeypatch.setattr(t2i, "loss_fn", loss_then_ctrl_c)
+    stopped = cli(capsys, *training_flags(tmp_path, out), "--max-steps", "6")
+    message = stopped.stderr.strip().splitlines()[-1]  # after the progress bar's lines, one message
+    assert stopped.returncode == 130 and "interrupted at step 3" in message and "--resume" in message, message
+    assert "Traceback" not in stopped.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert not (out / "samples.png").exists()
+    resumed = cli(capsys, *training_flags(tmp_path, out), "--max-steps", "6", "--resume")
+    assert resumed.returncode == 0 and (out / "samples.png").is_file(), resumed.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
