@@ -7,7 +7,9 @@ min-SNR weighting of that loss is not used here (not measured on this model).
 New here:
   - the paper's U-Net: ResNet blocks with dropout, self-attention, channel multipliers; EMA weights;
   - the cosine schedule, sampling through the posterior q(x_{t-1} | x_t, x_0) with its two variances, and
-    what the network predicts: the noise eps (Ho et al.) or v (Salimans & Ho 2022, arXiv:2202.00512);
+    what the network predicts: the noise eps (Ho et al.), v (Salimans & Ho 2022, arXiv:2202.00512), or the
+    velocity eps - x0 of a straight path from image to noise (flow matching: Liu, Gong & Liu 2022,
+    arXiv:2209.03003; Lipman et al. 2022, arXiv:2210.02747; Esser et al. 2024, arXiv:2403.03206, SD3);
   - training as large runs do it: AdamW, warm-up, clipping, checkpoints, mixed precision, several GPUs.
 Left out, added later: class conditioning (lesson 03), fast sampling (04), latent space (05).
 
@@ -49,6 +51,7 @@ T = 1000  # number of diffusion steps, as in both papers (the default of --times
 BETA_START, BETA_END = 1e-4, 0.02  # DDPM Section 4: the linear schedule
 COSINE_OFFSET = 0.008  # Improved DDPM Section 3.2: s, so that beta_t is not too small near t = 0
 MAX_BETA = 0.999  # Improved DDPM Section 3.2: betas clipped to avoid a singularity at t = T
+FLOW_TIME_SCALE = 1000  # a flow model is told its time t in [0, 1] as t x 1000, as SD3's timesteps are
 ATTENTION_LEVEL = 1  # self-attention at the second resolution: 16x16 for CIFAR-10 as in DDPM, 14x14 for MNIST
 EMA_WARMUP = 10  # EMA decay starts at 1/10 and rises as (1 + step) / (10 + step) towards --ema-decay
 LOG_EVERY = 50  # steps between rows of metrics.csv
@@ -93,10 +96,14 @@ def parse_args(argv=None):
     parser.add_argument("--timesteps", type=positive_int, default=None,
                         help=f"diffusion steps T (default {T}; try 500 or 2000): the schedule is drawn over T steps "
                              f"(linear betas scaled by 1000 / T); a checkpoint keeps its own T")
-    parser.add_argument("--prediction", choices=["eps", "v"], default="v",
+    parser.add_argument("--prediction", choices=["eps", "v", "flow"], default="v",
                         help="what the network predicts: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & "
-                             "Ho 2022), or eps, the noise (paper); eps samples better with 1000 DDPM steps, v with "
-                             "deterministic few-step samplers (lesson 04): docs/lesson02.md 'eps or v?'")
+                             "Ho 2022); eps, the noise (paper); or flow, the velocity eps - x0 along the straight path "
+                             "x_t = (1 - t) x0 + t eps, t in [0, 1] (rectified flow, SD3): docs/lesson02.md "
+                             "'eps, v or flow?'")
+    parser.add_argument("--weighting-scheme", choices=["logit_normal", "none"], default=None,
+                        help="with --prediction flow, how training draws t, named as in diffusers' SD3 scripts: "
+                             "logit_normal (logit(t) ~ N(0, 1), SD3 Section 3.1; the default) or none (uniform)")
     parser.add_argument("--variance", choices=["posterior", "beta"], default="posterior",
                         help="sampling variance sigma_t^2: the posterior's beta_tilde_t, or beta_t (paper: both work)")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
@@ -134,6 +141,9 @@ def parse_args(argv=None):
             args.timesteps or T) >= 1:
         parser.error(f"--timesteps must be at least 2, and more than {round(BETA_END * 1000)} with the linear schedule "
                      f"(its last beta, 0.02 x 1000 / T, must stay below 1); got {args.timesteps}")
+    if args.weighting_scheme is not None and args.prediction != "flow":
+        parser.error(f"--weighting-scheme chooses the times a flow model trains on; it needs --prediction flow, "
+                     f"not {args.prediction}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0.0 <= args.dropout < 1.0:
@@ -362,8 +372,11 @@ class EMA:
 
 # --- loss ---
 
-def loss_fn(model, x0, schedule, generator, prediction="eps"):
-    """DDPM Algorithm 1 on a batch x0 [B, C, H, W]: one scalar loss."""
+def loss_fn(model, x0, schedule, generator, prediction="eps", weighting_scheme="logit_normal"):
+    """DDPM Algorithm 1 on a batch x0 [B, C, H, W] in [-1, 1]: one scalar loss; for prediction "flow", the flow
+    matching loss instead (flow_loss)."""
+    if prediction == "flow":
+        return flow_loss(model, x0, generator, weighting_scheme)
     timesteps = len(schedule["betas"])  # T
     t = torch.randint(0, timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
@@ -376,6 +389,37 @@ def loss_fn(model, x0, schedule, generator, prediction="eps"):
         alpha_bar_t = schedule["alpha_bars"][t].view(-1, 1, 1, 1)
         target = alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
     return F.mse_loss(model(x_t, t).float(), target)  # in float32 even under mixed precision
+
+
+def flow_time_sample(count, generator, device, weighting_scheme="logit_normal"):
+    """Times t [count] in (0, 1) for flow training: logit_normal draws logit(t) ~ N(0, 1), t = sigmoid of it (SD3,
+    Esser et al. 2024, Section 3.1: more training in the middle, where the velocity is hardest to guess); none
+    draws t uniformly in [0, 1) (rectified flow, Liu et al. 2022). Raises ValueError for another scheme."""
+    if weighting_scheme == "logit_normal":
+        return torch.sigmoid(torch.randn(count, device=device, generator=generator))
+    if weighting_scheme == "none":
+        return torch.rand(count, device=device, generator=generator)
+    raise ValueError(f"unknown weighting scheme {weighting_scheme!r}: logit_normal or none")
+
+
+def flow_loss(model, x0, generator, weighting_scheme="logit_normal"):
+    """Flow matching on a batch x0 [B, C, H, W] in [-1, 1] (rectified flow, Liu et al. 2022, Eq. 1, in SD3's
+    direction): x_t = (1 - t) x0 + t eps is a straight line from the image (t = 0) to noise (t = 1), and the
+    network learns its velocity dx_t/dt = eps - x0. No schedule: the path itself fixes how much noise each t holds."""
+    t = flow_time_sample(x0.shape[0], generator, x0.device, weighting_scheme)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    t_ = t.view(-1, 1, 1, 1)
+    x_t = (1 - t_) * x0 + t_ * eps
+    return F.mse_loss(model(x_t, t * FLOW_TIME_SCALE).float(), eps - x0)
+
+
+def flow_point(x_t, alpha_bar_t):
+    """The flow path's twin of a point of this schedule: x_t [N, C, H, W] = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar)
+    eps, divided by sqrt(alpha_bar) + sqrt(1 - alpha_bar), is (1 - s) x0 + s eps with s = sqrt(1 - alpha_bar) /
+    (sqrt(alpha_bar) + sqrt(1 - alpha_bar)): the same image and noise, in the same proportion (the same SNR).
+    Returns (x on the flow path, its time s in [0, 1]); this is how a flow model is asked about any x_t."""
+    signal, noise = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
+    return x_t / (signal + noise), noise / (signal + noise)
 
 
 # --- sampler ---
@@ -393,13 +437,19 @@ def sampling_constants(schedule, variance):
 
 def sample_step(model, x_t, t, constants, generator, clip_x0=True, prediction="eps"):
     """One reverse step through the posterior: x_t [N, C, H, W] at timestep t -> (x_{t-1}, x0_pred)."""
-    output = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
     alpha_bar_t = constants["alpha_bars"][t]
-    if prediction == "eps":
+    if prediction == "flow":
+        # 1. A flow model knows the straight path, not this schedule: ask it at x_t's twin there (flow_point),
+        # then x_s = (1 - s) x0 + s eps and velocity = eps - x0 give x0_pred = x_s - s velocity_pred.
+        x_flow, s = flow_point(x_t, alpha_bar_t)
+        x0_pred = x_flow - s * model(x_flow, torch.full((x_t.shape[0],), s * FLOW_TIME_SCALE, device=x_t.device)).float()
+    elif prediction == "eps":
+        output = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
         # 1. DDPM Eq. 4 solved for x_0: x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps_pred) / sqrt(alpha_bar_t).
         x0_pred = (x_t - math.sqrt(1 - alpha_bar_t) * output) / math.sqrt(alpha_bar_t)
     else:
         # 1. From v: x0_pred = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v_pred (Salimans & Ho 2022, Section 4).
+        output = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
         x0_pred = math.sqrt(alpha_bar_t) * x_t - math.sqrt(1 - alpha_bar_t) * output
     if clip_x0:
         x0_pred = x0_pred.clamp(-1, 1)  # images live in [-1, 1]; without clipping this is exactly Eq. 11
@@ -514,7 +564,8 @@ def train(args, model, ema, images, schedule, config, device, rank, world_size, 
             set_learning_rate(optimizer, lr)
             # the loss (DDPM Algorithm 1, or its v target), in mixed precision on CUDA
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                loss = loss_fn(network, x0, schedule, generator, config["prediction"])
+                loss = loss_fn(network, x0, schedule, generator, config["prediction"],
+                               config.get("weighting_scheme", "logit_normal"))
             # every process must take the same decisions: the mean loss, and whether any was asked to stop
             mean_loss, stop_votes = mean_over_processes([loss.item(), float(stop.requested)], world_size, device)
             check_finite(mean_loss, step, checkpoint_path)
@@ -642,12 +693,14 @@ def train_and_sample(args, rank, world_size, device):
     config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "schedule": args.schedule, "prediction": args.prediction,
+              **({"weighting_scheme": args.weighting_scheme or (start or {}).get("config", {}).get("weighting_scheme")
+                  or "logit_normal"} if args.prediction == "flow" else {}),
               "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
               else args.timesteps or T,
               "batch_size": args.batch_size, "world_size": world_size, "seed": args.seed,
               "steps_per_epoch": steps_per_epoch, "total_steps": args.max_steps or args.epochs * steps_per_epoch}
     if start is not None:
-        resume_keys = ("prediction", *data.data_keys(config), "batch_size", "world_size", "seed")
+        resume_keys = ("prediction", "weighting_scheme", *data.data_keys(config), "batch_size", "world_size", "seed")
         require_same(start["config"], config, ARCHITECTURE_KEYS + resume_keys, args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)

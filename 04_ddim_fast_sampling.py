@@ -1,14 +1,20 @@
-"""Lesson 04: DDIM, fast and deterministic sampling from a DDPM without retraining, and a second-order solver.
+"""Lesson 04: DDIM, fast and deterministic sampling from a DDPM without retraining, and second-order solvers.
 
 Papers: Song, Meng & Ermon, "Denoising Diffusion Implicit Models", 2021, arXiv:2010.02502;
         Lu, Zhou, Bao, Chen, Li & Zhu, "DPM-Solver++", 2022, arXiv:2211.01095;
-        Lin, Liu, Li & Yang, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2024, arXiv:2305.08891.
-Builds on: lesson 02 (its network and checkpoints are used as they are, eps- or v-prediction).
+        Lin, Liu, Li & Yang, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2024, arXiv:2305.08891;
+        Karras, Aittala, Aila & Laine, "Elucidating the Design Space of Diffusion-Based Generative Models", 2022,
+        arXiv:2206.00364 (Heun, Algorithm 1); Esser et al. 2024, arXiv:2403.03206 (SD3: flow matching, Euler).
+Builds on: lesson 02 (its network and checkpoints are used as they are: eps, v or flow).
 New here:
   - the DDIM update (Eq. 12) on a sub-sequence of the timesteps that starts at T - 1 ("trailing"):
     10-50 steps instead of 1000; eta, the noise knob of Eq. 16; DDIM inversion (Eq. 12 run backwards);
   - DPM-Solver++(2M): the same update with x0_pred extrapolated from the last two steps, in log-SNR time,
-    on timesteps equally spaced in log-SNR.
+    on timesteps equally spaced in log-SNR;
+  - samplers as ODE solvers: every point x_t of the schedule has a twin on the straight path (1 - s) x0 + s eps,
+    where the ODE is dx/ds = eps - x0. Euler on it is DDIM's eta = 0 step exactly, for every target; Heun adds
+    a second evaluation at the step's end (two network calls per step). One conversion, predict_eps_and_x0,
+    turns what any model predicts (eps, v or flow's velocity) into eps_pred and x0_pred for every sampler.
 Left out: class guidance (lesson 03); latent space (05).
 
 CPU:  python 04_ddim_fast_sampling.py --checkpoint outputs/02_ddpm/checkpoint.pt    about 1-2 min on 2 cores, after
@@ -47,8 +53,15 @@ COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesso
 ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's checkpoints
 EMA_WARMUP = 10
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # diffusers' names, DDIM's, DPM-Solver's
-SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)"}  # --sampler -> the name shown
-DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr"}  # each sampler's best, measured (docs/lesson04.md "Lessons learned")
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)", "euler": "Euler", "heun": "Heun"}  # --sampler -> name
+# Each sampler's timestep spacing: DDIM's and DPM-Solver++'s best, measured (docs/lesson04.md "Lessons learned");
+# Euler is DDIM's eta = 0 step and takes its spacing. Heun's last step is uncorrected Euler, so its grid must end at
+# t = 0, where almost no noise is left (as Karras et al.'s ends at sigma_min): linspace. On the exact Gaussian
+# denoiser of tests/test_flow_matching.py, Heun in 19 calls ends 0.0020 from the exact ODE solution on linspace
+# and 0.063 on trailing, whose last, uncorrected step starts at t = T/steps - 1.
+DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr", "euler": "trailing", "heun": "linspace"}
+FLOW_TIME_SCALE = 1000  # as lesson 02: a flow model is told its time s in [0, 1] as s x 1000
+PREDICTIONS = ("eps", "v", "flow")  # lesson 02's training targets
 DEFAULT_STEPS = 50  # network calls of the sampler
 STEP_COUNTS = (10, 20, 50, 100, 1000)  # columns of steps.png (those up to the checkpoint's T, and T itself)
 INVERSION_IMAGES = 8  # training images inverted for inversion.png
@@ -90,7 +103,9 @@ def parse_args(argv=None):
                              "\"Where deterministic DDIM's speckle came from, and why v-prediction removes it\"")
     parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim",
                         help="ddim: Eq. 12 with --eta; dpm-solver++: DPM-Solver++(2M), deterministic and second "
-                             "order, good in 10-20 steps (Lu et al. 2022)")
+                             "order, good in 10-20 steps (Lu et al. 2022); euler: Euler on the flow ODE (the same as "
+                             "ddim with eta 0); heun: Heun on it (Karras et al. 2022), --steps network calls in "
+                             "(steps + 1) // 2 steps")
     parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
                         help="which timesteps the steps visit, named as in diffusers: trailing starts at T - 1 "
                              "(Lin et al. 2024); leading is the DDIM paper's floor(c i); quadratic its Appendix D.2; "
@@ -114,8 +129,9 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="as in lesson 02")
     parser.add_argument("--timesteps", type=positive_int, default=None,
                         help=f"diffusion steps T when training (default {T}, as lesson 02); a checkpoint keeps its own")
-    parser.add_argument("--prediction", choices=["eps", "v"], default="v",
-                        help="training target, as in lesson 02 (checkpoints say which they were trained with)")
+    parser.add_argument("--prediction", choices=list(PREDICTIONS), default="v",
+                        help="training target, as in lesson 02 (checkpoints say which they were trained with); flow "
+                             "draws its times as lesson 02's default, logit-normal")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=f"outputs/{LESSON}", help="output folder")
@@ -139,6 +155,9 @@ def parse_args(argv=None):
     if args.width % 2:
         parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
                      f"got {args.width}")
+    if args.eta > 0 and args.sampler != "ddim":
+        parser.error(f"--eta is DDIM's noise; {SAMPLER_NAMES[args.sampler]} is deterministic and has none: drop --eta "
+                     f"or use --sampler ddim")
     if args.eta > 1:
         parser.error(f"--eta must be at most 1, got {args.eta:g}: above 1 DDIM's sigma (Eq. 16) exceeds "
                      f"sqrt(1 - alpha_bar_prev), and Eq. 12's direction term would need the root of a negative number")
@@ -234,21 +253,57 @@ def timestep_pairs(steps, spacing="trailing", alpha_bars=None):
     return list(zip(taus[::-1], [*taus[-2::-1], -1]))
 
 
+def flow_time(alpha_bar):
+    """The time s in [0, 1] of the straight path x = (1 - s) x0 + s eps that has the signal-to-noise ratio of
+    alpha_bar: s = sqrt(1 - alpha_bar) / (sqrt(alpha_bar) + sqrt(1 - alpha_bar)). 0 for the clean image (alpha_bar
+    = 1), 1 for pure noise (alpha_bar = 0)."""
+    signal, noise = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    return noise / (signal + noise)
+
+
+def flow_scale(alpha_bar):
+    """x_t of the schedule divided by this, sqrt(alpha_bar) + sqrt(1 - alpha_bar), is its twin on the straight
+    path at s = flow_time(alpha_bar): the same x0 and eps in the same proportion."""
+    return math.sqrt(alpha_bar) + math.sqrt(1 - alpha_bar)
+
+
+def to_eps_and_x0(output, x_t, alpha_bar_t, prediction):
+    """The conversion: a network's output [N, C, H, W] for x_t at alpha_bar_t -> (eps_pred, x0_pred), for each
+    target (ValueError for another). It is linear in the output with weights set by x_t and alpha_bar_t alone, so
+    a guided mix of outputs, (1 - g) a + g b, converts to the same mix of conversions: guidance commutes with it.
+      eps   DDPM: eps_pred = output; x0_pred = (x_t - sqrt(1 - alpha_bar) eps_pred) / sqrt(alpha_bar);
+      v     Salimans & Ho 2022, Section 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0;
+      flow  the velocity eps - x0 of the twin x_s = x_t / flow_scale = (1 - s) x0 + s eps: x0 = x_s - s v and
+            eps = x_s + (1 - s) v."""
+    signal_rate, noise_rate = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
+    if prediction == "v":
+        # With x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps both are read off without dividing by a small rate.
+        return noise_rate * x_t + signal_rate * output, signal_rate * x_t - noise_rate * output
+    if prediction == "flow":
+        x_flow, s = x_t / flow_scale(alpha_bar_t), flow_time(alpha_bar_t)
+        return x_flow + (1 - s) * output, x_flow - s * output
+    if prediction == "eps":
+        # DDIM Eq. 12's "predicted x0": DDPM Eq. 4 solved for x_0. At t = 999 this divides eps's error by
+        # sqrt(alpha_bar) = 5e-5; predict_eps_and_x0's clipping keeps that from reaching the image.
+        return output, (x_t - noise_rate * output) / signal_rate
+    raise ValueError(f"unknown prediction target {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+
+
+def network_input(x_t, t, alpha_bar_t, prediction):
+    """What the network is shown for x_t [N, C, H, W] at timestep t: x_t and t itself for eps and v, and for a flow
+    model, which knows only the straight path, x_t's twin there and its time s x FLOW_TIME_SCALE."""
+    if prediction == "flow":
+        return x_t / flow_scale(alpha_bar_t), torch.full((x_t.shape[0],), flow_time(alpha_bar_t) * FLOW_TIME_SCALE,
+                                                         device=x_t.device)
+    return x_t, torch.full((x_t.shape[0],), t, device=x_t.device)
+
+
 def predict_eps_and_x0(model, x_t, t, alpha_bar_t, prediction="eps", clip_x0=True):
     """The network's answer at timestep t as both eps_pred and x0_pred ([N, C, H, W] each), whatever it was
-    trained to predict; every sampler below calls this once per step."""
+    trained to predict (eps, v or flow: to_eps_and_x0); every sampler below calls this once per network call."""
     signal_rate, noise_rate = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
-    output = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device)).float()
-    if prediction == "v":
-        # Salimans & Ho 2022, Section 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, so with
-        # x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps both are read off without dividing by a small rate.
-        x0_pred = signal_rate * x_t - noise_rate * output
-        eps_pred = noise_rate * x_t + signal_rate * output
-    else:
-        eps_pred = output
-        # DDIM Eq. 12's "predicted x0": DDPM Eq. 4 solved for x_0. At t = 999 this divides eps's error by
-        # sqrt(alpha_bar) = 5e-5; clipping below keeps that from reaching the image.
-        x0_pred = (x_t - noise_rate * eps_pred) / signal_rate
+    eps_pred, x0_pred = to_eps_and_x0(model(*network_input(x_t, t, alpha_bar_t, prediction)).float(), x_t,
+                                      alpha_bar_t, prediction)
     if clip_x0:
         x0_pred = x0_pred.clamp(-1, 1)
         eps_pred = (x_t - signal_rate * x0_pred) / noise_rate  # keep the pair consistent with the clipped x0
@@ -301,6 +356,42 @@ def dpm_solver_step(x_t, x0_pred, alpha_bar_t, alpha_bar_prev, previous):
     return x_prev, (x0_pred, h)
 
 
+def euler_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev):
+    """One Euler step of the flow ODE dx/ds = v, v = eps - x0 (the ODE of SD3's sampler), from timestep t to
+    t_prev < t, in the schedule's variables: x_t [N, C, H, W] -> x_prev. Its twin x_s = x_t / flow_scale moves on
+    the straight path by (s_prev - s) v_pred, then is scaled back. Written out, flow_scale(alpha_bar_prev) ((1 -
+    s_prev) x0_pred + s_prev eps_pred) = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev) eps_pred: DDIM's
+    eta = 0 step (Eq. 12), whatever the model predicts (the tests check it to float precision)."""
+    s, s_prev = flow_time(alpha_bar_t), flow_time(alpha_bar_prev)
+    x_flow = x_t / flow_scale(alpha_bar_t)
+    return (x_flow + (s_prev - s) * (eps_pred - x0_pred)) * flow_scale(alpha_bar_prev)
+
+
+def heun_step(predict, x_t, eps_pred, x0_pred, t_prev, alpha_bar_t, alpha_bar_prev):
+    """One step of Heun's method on the flow ODE (Karras et al. 2022, Algorithm 1, in flow time): Euler to t_prev,
+    ask the network there (`predict(x, t_prev, alpha_bar_prev)` -> (eps_pred, x0_pred)), and take the step again
+    with the mean of the two velocities. The last step (t_prev = -1, to the clean image) stays Euler, as in
+    Karras et al.: at s = 0 the network would be asked about an image with no noise left to predict."""
+    x_prev = euler_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev)
+    if t_prev < 0:
+        return x_prev
+    eps_next, x0_next = predict(x_prev, t_prev, alpha_bar_prev)
+    s, s_prev = flow_time(alpha_bar_t), flow_time(alpha_bar_prev)
+    velocity = 0.5 * ((eps_pred - x0_pred) + (eps_next - x0_next))
+    return (x_t / flow_scale(alpha_bar_t) + (s_prev - s) * velocity) * flow_scale(alpha_bar_prev)
+
+
+def solver_steps(sampler, calls):
+    """How many steps a sampler takes in `calls` network calls: one call per step, Heun two per step but the
+    last, so (calls + 1) // 2 steps in 2 steps - 1 calls (an even budget leaves one call unused)."""
+    return (calls + 1) // 2 if sampler == "heun" else calls
+
+
+def network_calls(sampler, steps):
+    """The network calls of `steps` steps of a sampler (the inverse of solver_steps)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
 def spacing_for(sampler, chosen=None):
     """The timestep spacing a sampler uses: the one chosen, else its default (DEFAULT_SPACING)."""
     return chosen or DEFAULT_SPACING[sampler]
@@ -315,20 +406,35 @@ def clip_for(prediction, chosen=None):
 def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing=None, prediction="eps",
            clip_x0=None, generator=None, snapshots=0):
     """Noise x_T [N, C, H, W] -> images in [-1, 1] in `steps` network calls (1..T), with DDIM (DDIM Eq. 12,
-    0 <= eta <= 1) or DPM-Solver++(2M) (deterministic; eta is ignored); also about `snapshots` (a count) along the
-    way, as (timestep, x_t) pairs. alpha_bars [T] is the training schedule; spacing defaults to the sampler's
-    DEFAULT_SPACING, clip_x0 to clip_for(prediction). Raises ValueError for an unknown spacing."""
+    0 <= eta <= 1), DPM-Solver++(2M), Euler or Heun (the last three deterministic: ValueError for eta > 0); also
+    about `snapshots` (a count) along the way, as (timestep, x_t) pairs. alpha_bars [T] is the training schedule
+    (a flow model is asked at each timestep's twin on its path, so it samples on any schedule); spacing defaults to
+    the sampler's DEFAULT_SPACING, clip_x0 to clip_for(prediction). Heun takes solver_steps("heun", steps) steps.
+    Raises ValueError for an unknown spacing, sampler or prediction target."""
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's noise; {SAMPLER_NAMES[sampler]} is deterministic, got eta = {eta}")
     spacing, clip_x0 = spacing_for(sampler, spacing), clip_for(prediction, clip_x0)
     alpha_bars_list = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
+    steps = solver_steps(sampler, steps)
     x_t, kept, previous = x_T, [], None
     every = max(1, steps // snapshots) if snapshots else 0
     pairs = timestep_pairs(steps, spacing, alpha_bars)
+
+    def predict(x, t, alpha_bar):
+        return predict_eps_and_x0(model, x, t, alpha_bar, prediction, clip_x0)
+
     progress = tqdm(pairs, desc=f"{SAMPLER_NAMES[sampler]} {steps} steps", leave=False)
     for index, (t, t_prev) in enumerate(progress):
         alpha_bar_t, alpha_bar_prev = alpha_bars_list[t], alpha_bars_list[t_prev] if t_prev >= 0 else 1.0
-        eps_pred, x0_pred = predict_eps_and_x0(model, x_t, t, alpha_bar_t, prediction, clip_x0)
+        eps_pred, x0_pred = predict(x_t, t, alpha_bar_t)
         if sampler == "ddim":
             x_t = ddim_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev, eta, generator)
+        elif sampler == "euler":
+            x_t = euler_step(x_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_prev)
+        elif sampler == "heun":
+            x_t = heun_step(predict, x_t, eps_pred, x0_pred, t_prev, alpha_bar_t, alpha_bar_prev)
         else:
             x_t, previous = dpm_solver_step(x_t, x0_pred, alpha_bar_t, alpha_bar_prev, previous)
         remaining = steps - 1 - index
@@ -383,7 +489,9 @@ def write_samples(model, alpha_bars, config, args, device, images):
     first_batch = min(args.num_samples, args.sample_batch_size)  # the snapshots in `kept` are of the first batch
     eta = f", eta = {args.eta:g}" if args.sampler == "ddim" else ""
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s "
-          f"({args.steps} {SAMPLER_NAMES[args.sampler]} steps{eta}, {spacing_for(args.sampler, args.timestep_spacing)} "
+          f"({SAMPLER_NAMES[args.sampler]}, {solver_steps(args.sampler, args.steps)} steps = "
+          f"{network_calls(args.sampler, solver_steps(args.sampler, args.steps))} network calls{eta}, "
+          f"{config.get('prediction', 'eps')}-prediction, {spacing_for(args.sampler, args.timestep_spacing)} "
           f"spacing, x0 {'' if clip_for(config.get('prediction', 'eps'), args.clip_x0) else 'not '}clipped)")
     paths = [visualize.save_samples_grid(samples, args.out / "samples.png"),
              visualize.save_samples_npz(samples, args.out / "samples.npz"),
@@ -476,6 +584,7 @@ def main(argv=None):
         config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],
                   "width": args.width, "channel_mults": list(args.channel_mults), "num_res_blocks": 1,
                   "schedule": args.schedule, "prediction": args.prediction, "steps_per_epoch": steps_per_epoch,
+                  **({"weighting_scheme": "logit_normal"} if args.prediction == "flow" else {}),
                   "timesteps": saved_timesteps(start["config"], args.timesteps, args.out / "checkpoint.pt") if start
                   else args.timesteps or T,
                   "total_steps": args.max_steps or args.epochs * steps_per_epoch}
@@ -684,7 +793,14 @@ class EMA:
 # --- loss: lesson 02's ---
 
 def loss_fn(model, x0, alpha_bars, generator, prediction="eps"):
-    """DDPM Algorithm 1 on a batch x0 [B, C, H, W], lesson 02's objective: one scalar loss."""
+    """DDPM Algorithm 1 on a batch x0 [B, C, H, W], lesson 02's objective: one scalar loss; for flow, lesson 02's
+    flow matching loss with its default logit-normal times."""
+    if prediction == "flow":
+        # As lesson 02's flow_loss: x_s = (1 - s) x0 + s eps, logit(s) ~ N(0, 1) (SD3 Section 3.1), target eps - x0.
+        s = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+        return F.mse_loss(model(x_s, s * FLOW_TIME_SCALE).float(), eps - x0)
     t = torch.randint(0, len(alpha_bars), (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = add_noise(x0, t, eps, alpha_bars)

@@ -72,6 +72,9 @@ def main(argv=None):
     device = pick_device("cpu")
     model, config = lesson04.load_model(args.checkpoint, device)
     prediction = config.get("prediction", "eps")
+    if prediction not in ("eps", "v"):
+        raise SystemExit(f"{args.checkpoint} predicts {prediction}; this benchmark measures the speckle of eps and v "
+                         f"models (benchmarks/flow_matching.py measures flow models)")
     alpha_bars = lesson04.make_schedule(config["schedule"], device)["alpha_bars"]
     test = data.load_dataset(config["dataset"], args.data_dir, split="test", download=False).images
     generator = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ dataset's test split:
   - quality: Frechet distance (FD) of the samples' halves (each 28x28 item on its own, as the lessons' samples)
     against the test split, minus the real-data floor at the same count, as benchmarks/quality.py reports it;
   - the attention maps' honesty: for each item word of a two-item prompt, the share of its cross-attention mass
-    (attention.png's maps: the conditional pass, averaged over heads, blocks and sampling steps) that falls on the
+    (attention.png's maps: the conditional pass, averaged over heads, the 4x7 blocks and sampling steps) that falls on the
     half of the canvas that the prompt gives it (chance 0.5);
   - is the conditioning alive: the denoising loss on canvases of held-out pairs made of test-split items, with
     their true captions, with the captions shuffled among the canvases, and with the empty prompt (the same noises
@@ -54,24 +54,26 @@ def prompts_for(pairs, count, words):
 def draw(model, autoencoder, scale, captions, config, alpha_bars, guidance_scale, steps, eta, seed, device,
          batch=100, words=None):
     """Images [N, 1, 28, 56] for `captions`; with `words` (per caption, a list of (token position, side)), also
-    the share of each listed token's attention mass on its own side, per token [M]."""
+    the share of each listed token's attention mass on its own side, per token [M], in attention.png's maps (the
+    coarsest blocks) and in maps averaged over every block: (images, own, own_every_block)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     args = argparse.Namespace(guidance_scale=guidance_scale, steps=steps, eta=eta)
-    images, own = [], []
+    images, own, own_every = [], [], []
     for start in range(0, len(captions), batch):
         chunk = captions[start:start + batch]
         record = [] if words is not None else None
         images.append(t2i.sample(model, autoencoder, scale, chunk, config["vocab"], alpha_bars, args, generator,
                                  record).cpu())
         if record is not None:
-            maps = t2i.attention_maps(record, (28, 56)).cpu()  # [B, L, 28, 56]
-            half = maps.shape[-1] // 2
-            for row, listed in enumerate(words[start:start + batch]):
-                for position, side in listed:
-                    mass = maps[row, position]
-                    mine = mass[:, :half] if side == "left" else mass[:, half:]
-                    own.append((mine.sum() / mass.sum()).item())
-    return torch.cat(images), torch.tensor(own)
+            for every_block, shares in ((False, own), (True, own_every)):
+                maps = t2i.attention_maps(record, (28, 56), every_block).cpu()  # [B, L, 28, 56]
+                half = maps.shape[-1] // 2
+                for row, listed in enumerate(words[start:start + batch]):
+                    for position, side in listed:
+                        mass = maps[row, position]
+                        mine = mass[:, :half] if side == "left" else mass[:, half:]
+                        shares.append((mine.sum() / mass.sum()).item())
+    return torch.cat(images), torch.tensor(own), torch.tensor(own_every)
 
 
 def item_token_positions(caption_text, words):
@@ -179,7 +181,7 @@ def main():
     for name, pairs in (("trained", t2i.trained_pairs()), ("held-out", sorted(t2i.HELD_OUT))):
         chosen = prompts_for(pairs, n, words)
         captions = [c for _, _, c in chosen]
-        images, own = draw(model, autoencoder, scale, captions, config, alpha_bars, guidance, steps, args.eta,
+        images, own, own_every = draw(model, autoencoder, scale, captions, config, alpha_bars, guidance, steps, args.eta,
                            args.seed, device, words=[item_token_positions(c, words) for c in captions])
         wanted = torch.tensor([(a, b) for a, b, _ in chosen])
         both, swap, left, right = both_right(classifier, images, wanted, device)
@@ -187,8 +189,10 @@ def main():
         row(f"prompt accuracy, {name} pairs, guidance_scale {guidance:g} ({n})", both, ceiling)
         row(f"  swap rate (both items, wrong sides), {name}", swap)
         row(f"  left half right / right half right, {name}", f"{left:.4f} / {right:.4f}")
-        row(f"  attention mass of item words on their own half, {name} (chance 0.5)", own.mean().item())
-    empty_images, _ = draw(model, autoencoder, scale, [""] * n, config, alpha_bars, guidance, steps, args.eta,
+        row(f"  attention mass of item words on their own half, attention.png's maps (4x7 blocks), {name} "
+            f"(chance 0.5)", own.mean().item())
+        row(f"  the same, maps averaged over every block (7x14 too), {name}", own_every.mean().item())
+    empty_images, _, _ = draw(model, autoencoder, scale, [""] * n, config, alpha_bars, guidance, steps, args.eta,
                            args.seed, device)
     row(f"floor: empty prompt scored against the trained pairs' labels ({n})",
         both_right(classifier, empty_images, groups["trained"][1], device)[0], ceiling)
@@ -232,7 +236,7 @@ def main():
             count = args.sweep_samples
             chosen = (prompts_for(t2i.trained_pairs(), count // 2, words)
                       + prompts_for(sorted(t2i.HELD_OUT), count - count // 2, words))
-            images, _ = draw(model, autoencoder, scale, [c for _, _, c in chosen], config, alpha_bars, s, steps,
+            images, _, _ = draw(model, autoencoder, scale, [c for _, _, c in chosen], config, alpha_bars, s, steps,
                              args.eta, args.seed, device)
             wanted = torch.tensor([(a, b) for a, b, _ in chosen])
         both = both_right(classifier, images, wanted, device)[0]

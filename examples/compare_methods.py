@@ -1,14 +1,15 @@
-"""DDPM against DDIM and DPM-Solver++ on one trained model: wall time, speed-up and quality per step count.
+"""DDPM against DDIM, DPM-Solver++, Euler and Heun on one trained model: wall time, speed-up and quality per step
+count.
 
     python examples/compare_methods.py --checkpoint outputs/02_ddpm/checkpoint.pt
 
 Samples the same starting noises with lesson 02's ancestral sampler in 1000 steps (the first
---ddpm-samples of them: it costs 1000 network calls per image) and with lesson 04's DDIM and
-DPM-Solver++(2M) samplers at each of --steps (all --num-samples), then scores each set with
+--ddpm-samples of them: it costs 1000 network calls per image) and with lesson 04's fast samplers (--samplers:
+DDIM, DPM-Solver++(2M), Euler, Heun) at each of --steps network calls (all --num-samples), then scores each set with
 utils.metrics: the Frechet distance (FD) to the test split in a small classifier's features (not
 Inception-FID), the distance that as many real training images reach (the floor, which depends on the
 count), FD minus the floor, and that excess as a multiple of DDPM-1000's. Lesson 02 checkpoints trained
-with --prediction v are sampled as v-prediction by every method. Writes, to --out (default
+with --prediction v or flow are sampled as such by every method. Writes, to --out (default
 outputs/compare_methods/): compare.csv, compare.md and compare.png (the first 8 starting noises, one
 column per method).
 """
@@ -54,7 +55,7 @@ def sampler_names(text):
     names = tuple(part.strip() for part in text.split(","))
     unknown = [name for name in names if name not in lesson04.SAMPLER_NAMES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"samplers are ddim and dpm-solver++, got {text!r}")
+        raise argparse.ArgumentTypeError(f"samplers are {', '.join(lesson04.SAMPLER_NAMES)}, got {text!r}")
     return names
 
 
@@ -72,9 +73,11 @@ def eta_values(text):
 def parse_args(argv=None):
     parser = ArgumentParser(description="Compare DDPM (1000 steps) with DDIM and DPM-Solver++ on one checkpoint.")
     parser.add_argument("--checkpoint", default="outputs/02_ddpm/checkpoint.pt", help="a lesson 02 or 04 checkpoint")
-    parser.add_argument("--steps", type=step_counts, default=(10, 20, 50, 100), help="step counts of the fast samplers")
+    parser.add_argument("--steps", type=step_counts, default=(10, 20, 50, 100),
+                        help="network calls of the fast samplers (Heun: (calls + 1) // 2 steps)")
     parser.add_argument("--samplers", type=sampler_names, default=("ddim", "dpm-solver++"),
-                        help="fast samplers, comma-separated: ddim (with each --eta) and dpm-solver++")
+                        help="fast samplers, comma-separated, of lesson 04's: ddim (with each --eta), dpm-solver++, "
+                             "euler (the same as ddim with eta 0, on purpose: lesson 04) and heun")
     parser.add_argument("--eta", type=eta_values, default=(0.0,),
                         help="DDIM's eta (Eq. 16), or several: '0,0.5,1' gives a row per step count and eta "
                              "(the DDIM paper's Table 1 uses 0, 0.2, 0.5, 1)")
@@ -142,8 +145,9 @@ def method_list(args, timesteps):
     methods = [("ddpm", timesteps, "", args.ddpm_samples)]
     if "ddim" in args.samplers:
         methods += [("ddim", steps, eta, args.num_samples) for eta in args.eta for steps in args.steps]
-    if "dpm-solver++" in args.samplers:
-        methods += [("dpm-solver++", steps, "", args.num_samples) for steps in args.steps]
+    for sampler in ("dpm-solver++", "euler", "heun"):
+        if sampler in args.samplers:
+            methods += [(sampler, steps, "", args.num_samples) for steps in args.steps]
     return methods
 
 

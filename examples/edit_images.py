@@ -10,7 +10,7 @@ Papers: Meng, He, Song, Song, Wu, Zhu & Ermon, "SDEdit: Guided Image Synthesis a
         Lugmayr, Danelljan, Romero, Yu, Timofte & Van Gool, "RePaint: Inpainting using Denoising Diffusion
         Probabilistic Models", 2022, arXiv:2201.09865.
 Builds on: lesson 04's DDIM step and its network calls (loaded from the lesson file, as compare_methods does), on
-lesson 02 or 04 checkpoints (eps or v), and lesson 03's classifier-free guidance on its checkpoints.
+lesson 02 or 04 checkpoints (eps, v or flow), and lesson 03's classifier-free guidance on its checkpoints.
   - SDEdit: noise the input to t0 = strength x T with q(x_t0 | x_0) (DDPM Eq. 4), then denoise from t0 with
     DDIM. Low strength keeps the input; strength 1 is ordinary sampling from that noise.
   - Inpainting: at every step the known pixels are replaced by the input noised to that step (RePaint Algorithm 1),

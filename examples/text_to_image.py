@@ -241,14 +241,19 @@ class CrossAttention(nn.Module):
 class TextUNet(nn.Module):
     """Lesson 05's latent U-Net with cross-attention after each of its blocks: eps_pred = model(z_t, t, text,
     mask), z_t [B, 4, 7, 14] (a canvas of two 7x7 latents), t [B] -> [B, 4, 7, 14]. Two resolutions (7x14 and
-    4x7), self-attention and cross-attention at both."""
+    4x7), self-attention and cross-attention at both. The stem also reads two coordinate channels (CoordConv, Liu et
+    al. 2018, arXiv:1807.03247): convolutions and attention without positions cannot tell the left of the canvas
+    from the right, and a prompt that says where things go needs that. Stable Diffusion's deeper U-Net over a
+    64x64 latent learns where it is from the borders its many layers reach; ours is two levels over 7x14, where
+    a feature in the middle columns of the first block sees no border (measured: without them, its cross-attention
+    spread each item word evenly over both halves, 0.50 of its mass on the word's own side)."""
 
     def __init__(self, channels=4, width=32, text_dim=TEXT_DIM):
         super().__init__()
         self.width = width
         embedding_dim = 4 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.stem = nn.Conv2d(channels + 2, width, 3, padding=1)  # the latent's channels, then x and y
         widths = [width, 2 * width]
         self.down = nn.ModuleList([lesson05.ResBlock(width, widths[0], embedding_dim, attention=True),
                                    lesson05.ResBlock(widths[0], widths[1], embedding_dim, attention=True)])
@@ -265,8 +270,12 @@ class TextUNet(nn.Module):
 
     def forward(self, z_t, t, text, mask):
         embedding = self.time_mlp(lesson05.timestep_embedding(t, self.width))
+        batch, _, height, width = z_t.shape
+        y, x = torch.meshgrid(torch.linspace(-1, 1, height, device=z_t.device),
+                              torch.linspace(-1, 1, width, device=z_t.device), indexing="ij")
+        where = torch.stack([x, y]).expand(batch, -1, -1, -1)  # [B, 2, H, W]: -1 at the left/top, 1 at the right/bottom
         cross = iter(self.cross)
-        h = next(cross)(self.down[0](self.stem(z_t), embedding), text, mask)  # 7x14
+        h = next(cross)(self.down[0](self.stem(torch.cat([z_t, where], dim=1)), embedding), text, mask)  # 7x14
         skips = [h]
         h = next(cross)(self.down[1](self.downsample(h), embedding), text, mask)  # 4x7
         skips.append(h)
@@ -393,17 +402,23 @@ def decode_canvas(autoencoder, z):
     return torch.cat(halves, dim=-1).clamp(-1, 1)
 
 
-def attention_maps(record, size):
+def attention_maps(record, size, every_block=False):
     """record: per sampling call, per cross-attention block, ([B, h*w, L] weights, (h, w)) -> [B, L, H, W] at
-    `size` (H, W): each token's attention averaged over the blocks (each upsampled to `size`) and the calls, as
-    Prompt-to-Prompt draws it."""
-    total = None
+    `size` (H, W): each token's attention averaged over the blocks of the coarsest grid (4x7; each map upsampled to
+    `size`) and over the calls. Prompt-to-Prompt draws Stable Diffusion's maps the same way, from its coarse 16x16
+    layers. The 7x14 blocks are left out because they do not look at a word in one place: measured on 200 default
+    prompts with the default run, 0.50 of an item word's attention there falls on its own half, as by chance (the
+    4x7 blocks: 0.72), so they would only wash out the map. every_block=True averages over all the blocks instead."""
+    coarsest = min(height * width for _, (height, width) in record[0])
+    total, count = None, 0
     for call in record:
         for weights, (height, width) in call:
+            if height * width != coarsest and not every_block:
+                continue
             maps = weights.transpose(1, 2).reshape(weights.shape[0], weights.shape[2], height, width)
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-            total = maps if total is None else total + maps
-    return total / (len(record) * len(record[0]))
+            total, count = (maps, 1) if total is None else (total + maps, count + 1)
+    return total / count
 
 
 # --- training ---

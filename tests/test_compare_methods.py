@@ -59,7 +59,7 @@ def test_compare_methods_times_scores_and_draws_each_method(tmp_path, monkeypatc
     (["--eta", "0,1.5"], "every eta must lie in [0, 1]"),
     (["--num-samples", "0"], "--num-samples: must be at least 1"),
     (["--num-samples", "100", "--ddpm-samples", "200"], "--ddpm-samples (200) must be at most --num-samples (100)"),
-    (["--samplers", "ddim,euler"], "samplers are ddim and dpm-solver++"),
+    (["--samplers", "ddim,plms"], "samplers are ddim, dpm-solver++, euler, heun"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, compare, capsys):
     assert_refused(compare.parse_args, ["--out", str(tmp_path / "out"), *flags], expected, capsys)

@@ -69,9 +69,9 @@ def test_logsnr_spacing_takes_equal_steps_in_log_snr(lesson04, schedule):
 
 
 def test_each_sampler_has_its_measured_default_spacing_and_clipping(lesson04):
-    """sample() without spacing uses DEFAULT_SPACING (trailing for DDIM, logsnr for DPM-Solver++), and clips x0
+    """sample() without spacing uses DEFAULT_SPACING (trailing for DDIM and Euler, logsnr for DPM-Solver++, linspace for Heun), and clips x0
     only for eps-prediction unless told otherwise."""
-    assert lesson04.DEFAULT_SPACING == {"ddim": "trailing", "dpm-solver++": "logsnr"}
+    assert lesson04.DEFAULT_SPACING == {"ddim": "trailing", "dpm-solver++": "logsnr", "euler": "trailing", "heun": "linspace"}
     assert lesson04.clip_for("eps") and not lesson04.clip_for("v")
     assert not lesson04.clip_for("eps", False) and lesson04.clip_for("v", True)
     alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
@@ -324,7 +324,7 @@ def test_cli_samples_from_a_lesson02_checkpoint(tiny_data_dir, tmp_path, lesson0
     (["--eta", "1.5"], "--eta must be at most 1, got 1.5"),
     (["--width", "15"], "--width must be even"),
     (["--timestep-spacing", "uniform"], "--timestep-spacing: invalid choice"),
-    (["--sampler", "euler"], "--sampler: invalid choice"),
+    (["--sampler", "plms"], "--sampler: invalid choice"),
     (["--resume", "--checkpoint", "x.pt"], "--resume continues training"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, expected, lesson04, capsys, tmp_path):
