@@ -33,17 +33,6 @@ SAMPLERS = ("ddim", "dpm-solver++", "heun")
 FIELDS = ("target", "sampler", "calls", "steps", "samples", "fd", "floor", "fd_minus_floor", "seconds_per_image")
 
 
-def counts(text):
-    """argparse type: '1,2,4' -> (1, 2, 4)."""
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"call counts must be at least 1, got {text!r}")
-    return values
-
-
 def targets(text):
     """argparse type: 'eps,v,flow' -> ('eps', 'v', 'flow')."""
     names = tuple(part.strip() for part in text.split(","))
@@ -116,7 +105,7 @@ def draw_figure(rows, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=targets, default=("eps", "v", "flow"))
-    parser.add_argument("--calls", type=counts, default=(1, 2, 4, 8, 10, 20, 50))
+    parser.add_argument("--calls", type=compare.step_counts, default=(1, 2, 4, 8, 10, 20, 50))
     parser.add_argument("--samples", type=positive_int, default=1000, help="images per fast sampler and call count")
     parser.add_argument("--ddpm-samples", type=int, default=256, help="images for DDPM-1000 (0: skip it)")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "flow_matching",
