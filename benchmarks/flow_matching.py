@@ -30,6 +30,7 @@ lesson02 = load_lesson("02_ddpm.py")
 lesson04 = load_lesson("04_ddim_fast_sampling.py")
 compare = load_lesson("examples/compare_methods.py")
 SAMPLERS = ("ddim", "dpm-solver++", "heun")
+METRICS_CACHE = ROOT / "outputs" / "metrics"  # utils.metrics' classifier and real-data features, as the lessons cache them
 FIELDS = ("target", "sampler", "calls", "steps", "samples", "fd", "floor", "fd_minus_floor", "seconds_per_image")
 
 
@@ -41,9 +42,10 @@ def targets(text):
     return names
 
 
-def trained_checkpoint(target, runs, extra):
-    """RUNS/target/checkpoint.pt, trained by lesson 02's default command when it is not there or not finished:
-    (path, minutes of training in this invocation or None)."""
+def trained_checkpoint(target, runs, extra, data_dir):
+    """RUNS/target/checkpoint.pt, trained by lesson 02's default command (on data_dir, with the extra flags) when it
+    is not there or not finished: (path, minutes of training in this invocation or None). SystemExit (one line) when
+    the checkpoint there predicts another target or the training fails."""
     path = runs / target / "checkpoint.pt"
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -51,18 +53,21 @@ def trained_checkpoint(target, runs, extra):
             raise SystemExit(f"{path} predicts {saved['config'].get('prediction', 'eps')}, not {target}")
         if saved["step"] >= saved["config"]["total_steps"]:
             return path, None
-    command = [sys.executable, str(ROOT / "02_ddpm.py"), "--prediction", target, "--out", str(runs / target), *extra]
+    command = [sys.executable, str(ROOT / "02_ddpm.py"), "--prediction", target, "--out", str(runs / target),
+               "--data-dir", str(data_dir), *extra]
     if path.exists():
         command.append("--resume")
     print(" ".join(command), flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"lesson 02's run for {target} failed (its message is above): {' '.join(command)}")
     return path, (time.perf_counter() - started) / 60
 
 
 def straightness(model, config, alpha_bars, noises, steps=200):
     """RMS per pixel between the one-call answer from noise (x0_pred at t = T - 1) and the end of a `steps`-step
-    Euler path from the same noise: 0 when the path the sampler follows is a straight line."""
+    (at most T) Euler path from the same noise: 0 when the path the sampler follows is a straight line."""
+    steps = min(steps, config["timesteps"])
     prediction = config.get("prediction", "eps")
     clip = lesson04.clip_for(prediction)
     one, _ = lesson04.sample(model, alpha_bars, noises, 1, "euler", prediction=prediction, clip_x0=clip)
@@ -119,7 +124,7 @@ def main(argv=None):
     started = time.perf_counter()
     rows, straight, trained = [], {}, {}
     for target in args.targets:
-        path, minutes = trained_checkpoint(target, args.runs, args.train_args.split())
+        path, minutes = trained_checkpoint(target, args.runs, args.train_args.split(), args.data_dir)
         trained[target] = minutes
         model, config = lesson04.load_model(path, device)
         alpha_bars = lesson04.make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]
@@ -131,7 +136,7 @@ def main(argv=None):
             images, seconds = compare.draw(sampler, calls, 0.0 if sampler == "ddim" else "", model, config,
                                            noises[:count], options, device)
             scores = metrics.evaluate(images, config["dataset"], data_dir=args.data_dir,
-                                      cache_dir=ROOT / "outputs" / "metrics", device=str(device))
+                                      cache_dir=METRICS_CACHE, device=str(device))
             row = {"target": target, "sampler": sampler, "calls": calls,
                    "steps": lesson04.solver_steps(sampler, calls) if sampler != "ddpm" else calls, "samples": count,
                    "fd": round(scores["fd"], 2), "floor": round(scores["fd_real_floor"], 2),

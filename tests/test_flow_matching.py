@@ -1,5 +1,6 @@
 """Flow matching beside eps and v: lesson 02's flow target and loss, lesson 04's conversion, Euler and Heun, and flow
 checkpoints in every tool that reads lesson 02's."""
+import csv
 import math
 import sys
 
@@ -293,3 +294,42 @@ def test_flow_flags_are_refused_where_they_cannot_act(lesson02, lesson04, capsys
     assert_refused(lesson04.parse_args, ["--sampler", "heun", "--eta", "0.5"], "Heun is deterministic", capsys)
     assert_refused(lesson04.parse_args, ["--sampler", "dpm-solver++", "--eta", "1"],
                    "DPM-Solver++(2M) is deterministic", capsys)
+
+
+def test_flow_benchmark_trains_each_target_once_and_scores_every_sampler_and_call_count(tmp_path, monkeypatch,
+                                                                                       learnable_mnist_classifier):
+    """benchmarks/flow_matching.py end to end with tiny runs: lesson 02 trains each target into RUNS/target (and a
+    second invocation reuses the finished checkpoints), every sampler is scored at every call count by utils.metrics
+    with its floor at the same count, and the table, CSV, figure and the 10-call verdict are written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    benchmark = load_lesson("benchmarks/flow_matching.py")
+    monkeypatch.setattr(benchmark, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(benchmark, "METRICS_CACHE", learnable_mnist_classifier["cache_dir"])
+    runs, data_dir = tmp_path / "runs", learnable_mnist_classifier["data_dir"]
+    argv = ["--targets", "v,flow", "--calls", "1,10", "--samples", "6", "--ddpm-samples", "4", "--runs", str(runs),
+            "--data-dir", str(data_dir), "--device", "cpu", "--results-tag", "test",
+            "--train-args", "--max-steps 3 --width 8 --channel-mults 1,2 --batch-size 16 --num-samples 1 --timesteps 25"]
+    benchmark.main(argv)
+    for target in ("v", "flow"):
+        saved = torch.load(runs / target / "checkpoint.pt", weights_only=True)
+        assert saved["config"]["prediction"] == target and saved["step"] == 3
+    with open(tmp_path / "results" / "flow_matching_test.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    expected = [(target, "ddpm", "25", "4") for target in ("v", "flow")]  # DDPM: all 25 timesteps, first
+    expected = [row for target, ddpm in zip(("v", "flow"), expected) for row in
+                [ddpm] + [(target, sampler, str(calls), "6") for sampler in benchmark.SAMPLERS for calls in (1, 10)]]
+    assert [(r["target"], r["sampler"], r["calls"], r["samples"]) for r in rows] == expected
+    assert [r["steps"] for r in rows if r["sampler"] == "heun"] == ["1", "5"] * 2  # Heun: 2 steps - 1 calls
+    for r in rows:
+        assert float(r["fd_minus_floor"]) == pytest.approx(float(r["fd"]) - float(r["floor"]), abs=0.011)
+    floors = {r["samples"]: r["floor"] for r in rows}
+    assert all(r["floor"] == floors[r["samples"]] for r in rows) and floors["4"] != floors["6"]
+    table = (tmp_path / "results" / "flow_matching_test.md").read_text()
+    assert "| flow | Heun |" in table and "| v | DDIM = Euler |" in table and "Best at 10 calls: " in table
+    assert table.count("trained here") == 1 and "no: checkpoint reused" not in table
+    assert (tmp_path / "results" / "flow_matching_test.png").stat().st_size > 0
+    before = (runs / "flow" / "checkpoint.pt").stat().st_mtime_ns
+    benchmark.main(argv)  # the finished runs are reused, not trained again (table: 3 samplers + straightness per target)
+    assert (runs / "flow" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert table.count("| v |") == 4 and "no: checkpoint reused" in \
+        (tmp_path / "results" / "flow_matching_test.md").read_text()
