@@ -41,9 +41,9 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, mean_over_processes, pick_device,
-    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
-    stopped_early, warmup_learning_rate, writable_dir,
+    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, make_out_dir, mean_over_processes,
+    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps,
+    set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
 )
 
 LESSON = "02_ddpm"
@@ -666,7 +666,7 @@ def main(argv=None):
 
 def train_and_sample(args, rank, world_size, device):
     if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(args.out)
     if args.sample_only:
         path = args.checkpoint or args.out / "checkpoint.pt"
         checkpoint = load_checkpoint(path, LESSON)

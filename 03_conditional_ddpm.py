@@ -27,9 +27,9 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, non_negative_float, pick_device,
-    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
-    stopped_early, warmup_learning_rate, writable_dir,
+    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, make_out_dir, non_negative_float,
+    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps,
+    set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
 )
 
 LESSON = "03_conditional_ddpm"
@@ -433,7 +433,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     if args.sample_only:
         path = args.checkpoint or args.out / "checkpoint.pt"
         checkpoint = with_current_names(load_checkpoint(path, LESSON))

@@ -41,9 +41,9 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, in_batches, load_checkpoint, non_negative_float, pick_device, positive_float,
-    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
-    warmup_learning_rate, writable_dir,
+    check_finite, checkpoint_due, in_batches, load_checkpoint, make_out_dir, non_negative_float, pick_device,
+    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
+    stopped_early, warmup_learning_rate, writable_dir,
 )
 
 LESSON = "04_ddim_fast_sampling"
@@ -523,7 +523,7 @@ def write_samples(model, alpha_bars, config, args, device, images):
         if steps == args.steps:
             figure = torch.stack([originals, noise.clamp(-3, 3) / 3, reconstructions], dim=0).flatten(0, 1)
             paths.append(visualize.save_labeled_grid(
-                figure, ["original", "inverted noise", "reconstruction"], [str(i) for i in range(INVERSION_IMAGES)],
+                figure, ["original", "inverted noise", "reconstruction"], [str(i) for i in range(len(originals))],
                 args.out / "inversion.png", column_title=f"DDIM inversion and sampling, {steps} steps"))
     paths.append(visualize.save_curve(list(errors), list(errors.values()), args.out / "inversion_error.png",
                                       "DDIM steps (inversion, then sampling)", "reconstruction RMS error",
@@ -566,7 +566,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     path = args.checkpoint or (args.out / "checkpoint.pt" if args.sample_only else None)
     if path is not None:
         model, config = load_model(path, device)

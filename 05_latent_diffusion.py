@@ -29,9 +29,9 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog, check_finite,
-    checkpoint_due, ema_decay_note, in_batches, load_checkpoint, non_negative_float, pick_device, positive_float,
-    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
-    warmup_learning_rate, writable_dir,
+    checkpoint_due, ema_decay_note, in_batches, load_checkpoint, make_out_dir, non_negative_float, pick_device,
+    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
+    stopped_early, warmup_learning_rate, writable_dir,
 )
 
 LESSON = "05_latent_diffusion"
@@ -600,7 +600,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     if args.sample_only:
         path = args.checkpoint or args.out / "checkpoint.pt"
         model, autoencoder, scale, config = load_for_sampling(path, device, args.timesteps)

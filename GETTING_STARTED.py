@@ -9,6 +9,7 @@ can be written and has room, then times a few training steps of lesson 01's mode
 lesson's default run time from that. It ends with the learning path and fixes for common problems.
 It exits with status 1, saying why, when this machine cannot run the lessons; warnings alone do not fail it.
 """
+import contextlib
 import importlib.metadata
 import math
 import os
@@ -215,14 +216,22 @@ def check_data(report, data_dir, online=None):
 
 def check_output(report, out):
     print(f"Output folder ({out})")
+    missing, folder = [], out  # the folders this check makes to try writing there; it removes them again
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out):
             pass
+        free = shutil.disk_usage(out).free / 2 ** 30
     except OSError as error:
         report.fail(f"cannot write to {out}: {error.strerror or error}")
         return
-    free = shutil.disk_usage(out).free / 2 ** 30
+    finally:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
     if free < MIN_FREE_GIB:
         report.fail(f"{free:.2f} GiB free under {out}; the lessons need at least {MIN_FREE_GIB} GiB")
     else:

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one f
 from examples.lessons import load_lesson  # noqa: E402
 from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
-    SAMPLE_BATCH_SIZE, ArgumentParser, LessonError, pick_device, positive_int, run, saved_timesteps, writable_dir,
+    SAMPLE_BATCH_SIZE, ArgumentParser, LessonError, make_out_dir, pick_device, positive_int, run, saved_timesteps,
+    writable_dir,
 )
 
 FIGURE_ROWS = 8
@@ -159,7 +160,7 @@ def main(argv=None):
     if max(args.steps) > config["timesteps"]:
         raise LessonError(f"--steps {max(args.steps)} is more than the {config['timesteps']} timesteps "
                           f"{args.checkpoint} was trained with")
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     if not args.no_metrics:
         if config["dataset"] not in data.DATASETS:
             raise LessonError(f"{args.checkpoint} was trained on an image folder, which utils.metrics cannot score "

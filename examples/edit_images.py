@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one f
 from examples.lessons import load_lesson  # noqa: E402
 from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
-    ArgumentParser, LessonError, in_batches, load_checkpoint, non_negative_float, pick_device,
+    ArgumentParser, LessonError, in_batches, load_checkpoint, make_out_dir, non_negative_float, pick_device,
     positive_int, run, saved_timesteps, writable_dir,
 )
 
@@ -420,7 +420,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     make_denoiser, alpha_bars, config = load_denoiser(args.checkpoint, device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     writer = {"sdedit": write_sdedit, "inpaint": write_inpaint, "translate": write_translate}[args.edit]
     for path in writer(make_denoiser, alpha_bars, config, args, device):
         print(f"wrote {path}")

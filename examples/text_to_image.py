@@ -37,8 +37,8 @@ from examples.lessons import load_lesson  # noqa: E402
 from utils import data, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
     CHECKPOINT_FORMAT, ArgumentParser, LessonError, StopRequest, TrainingLog, check_finite, checkpoint_due,
-    load_checkpoint, non_negative_float, pick_device, positive_float, positive_int, run, save_checkpoint,
-    set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
+    load_checkpoint, make_out_dir, non_negative_float, pick_device, positive_float, positive_int, run,
+    save_checkpoint, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
 )
 
 lesson05 = load_lesson("05_latent_diffusion.py")
@@ -561,7 +561,7 @@ def main(argv=None):
         scale = config["autoencoder"]["scale"]
         model = TextToImage(len(config["vocab"]), config["width"])
         model.load_state_dict(checkpoint["ema"])
-        args.out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(args.out)
         paths = write_outputs(model.to(device).eval(), autoencoder.to(device), scale, config, args, device)
     else:
         autoencoder, scale, ae_config = load_autoencoder(args.autoencoder)
@@ -583,7 +583,7 @@ def main(argv=None):
         latents, blank = item_latents(autoencoder.to(device), dataset.images, scale, device)
         labels = dataset.labels.to(device)
         by_class = [torch.nonzero(labels == c).flatten() for c in range(10)]
-        args.out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(args.out)
         model = TextToImage(len(config["vocab"]), config["width"]).to(device)
         print(f"{ae_config['dataset']}: canvases of two items from {len(latents)} latents of lesson 05's frozen "
               f"autoencoder; text encoder {sum(p.numel() for p in model.text_encoder.parameters()) / 1e3:.0f}k and "

@@ -218,3 +218,43 @@ def test_compare_methods_times_a_folder_checkpoint_and_refuses_to_score_it(tmp_p
     from utils import metrics
     with pytest.raises(data.LessonError, match="scores only"):
         metrics.evaluate(np.zeros((2, 8, 8, 3), dtype=np.uint8), data.FOLDER_DATASET)
+
+
+def test_a_16_bit_grayscale_png_is_read_as_a_viewer_shows_it(tmp_path):
+    """Pillow's convert() clips 16-bit levels at 255 (a 0..65535 ramp came out 99 % white); read_image scales
+    65535 to white, so the ramp's mean is mid-grey and its ends black and white."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")  # Pillow really reads it as 16-bit
+    levels = data.read_image(tmp_path / "ramp16.png", 64, 1).add(1).mul(127.5)
+    assert levels.mean().item() == pytest.approx(127.5, abs=0.6)
+    assert levels.min().item() < 1 and levels.max().item() > 254
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "ramp8.png")  # the same picture in 8 bits
+    assert (data.read_image(tmp_path / "ramp8.png", 64, 1) - data.read_image(tmp_path / "ramp16.png", 64, 1)).abs() \
+        .max().item() <= 2 / 127.5
+
+
+def test_subfolders_without_a_readable_picture_are_not_classes(tmp_path, capsys):
+    """An archive's __MACOSX (AppleDouble '._' files named .png) and an empty folder are no classes: the real
+    classes keep their numbers, in the listing (what checkpoints compare) and in the decoded labels."""
+    folder = write_folder(tmp_path / "pets", classes=("cats", "dogs"))
+    (folder / "__MACOSX" / "cats").mkdir(parents=True)
+    for name in ("._0.png", "._1.png"):
+        (folder / "__MACOSX" / "cats" / name).write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (folder / "empty").mkdir()
+    assert data.folder_files(folder)[1] == ("cats", "dogs")
+    dataset = data.load_image_folder(folder, 16, None, tmp_path / "cache")
+    assert dataset.classes == ("cats", "dogs") and sorted(dataset.labels.unique().tolist()) == [0, 1]
+    assert f"note: {folder / '__MACOSX'} holds no picture that can be read; it is not a class" in capsys.readouterr().out
+
+
+def test_lesson04_trains_and_draws_every_figure_on_a_folder_of_fewer_pictures_than_its_figures_show(tmp_path, capsys):
+    """inversion.png shows 8 training pictures; a folder of 5 draws 5 columns instead of crashing."""
+    folder = write_folder(tmp_path / "few", classes=(), per_class=5)
+    out = tmp_path / "out"
+    result = run_in_process(lesson("04").main, "04_ddim_fast_sampling.py", "--dataset", folder, "--data-dir",
+                            tmp_path / "cache", "--out", out, "--image-size", "16", "--batch-size", "4",
+                            "--max-steps", "2", "--width", "8", "--channel-mults", "1,2", "--num-samples", "2",
+                            "--timesteps", "25", "--steps", "5", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out / "inversion.png").size[0] > 0 and (out / "samples.png").is_file()

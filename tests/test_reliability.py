@@ -173,3 +173,137 @@ def test_lesson04_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
             assert torch.equal(tensor, b[key][name]), (key, name)
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(state_a[name], state_b[name]) for name in ("exp_avg", "exp_avg_sq"))
+
+
+# --- a failed or refused run leaves the earlier good run as it was (and no trace of itself) ---
+
+@pytest.mark.parametrize("key", list(LESSONS))
+def test_a_refused_run_leaves_no_output_folder_behind(key, tiny_data_dir, tmp_path, capsys):
+    module, (_, tiny, _, _) = lesson_module(key), LESSONS[key]
+    out = tmp_path / "new" / "deeper" / "out"
+    code, lines = run_main(module, ["--resume", "--data-dir", tiny_data_dir, "--out", out, "--max-steps", 2, *tiny],
+                           capsys)
+    assert code == 1 and len(lines) == 1 and "no checkpoint" in lines[0], lines
+    assert not (tmp_path / "new").exists()  # neither the folder nor the parents it would have made
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    code, _ = run_main(module, ["--resume", "--data-dir", tiny_data_dir, "--out", existing, *tiny], capsys)
+    assert code == 1 and existing.is_dir()  # a folder the user had is never removed
+
+
+def test_refused_tools_leave_no_output_folder_behind(tiny_data_dir, tmp_path, capsys):
+    edit = load_lesson("examples/edit_images.py")
+    code, lines = run_main(edit, ["sdedit", "--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "e" / "out",
+                                  "--data-dir", tiny_data_dir], capsys)
+    assert code == 1 and "no checkpoint at" in lines[-1] and not (tmp_path / "e").exists(), lines
+    getting_started = load_lesson("GETTING_STARTED.py")
+    report = getting_started.Report()
+    getting_started.check_output(report, tmp_path / "g" / "outputs")
+    assert not report.problems and not (tmp_path / "g").exists()  # it wrote there, then tidied up
+
+
+@pytest.mark.parametrize("key", list(LESSONS))
+def test_a_fresh_run_that_fails_leaves_the_earlier_run_in_its_folder_as_it_was(key, tiny_data_dir, tmp_path,
+                                                                                monkeypatch, capsys):
+    """A good run, then a fresh run (no --resume) in the same folder whose loss is nan at step 1: every file of
+    the good run is byte for byte as it was (metrics.csv too), and the message does not call the earlier run's
+    checkpoint this run's last good one."""
+    module, (_, tiny, loss_name, _) = lesson_module(key), LESSONS[key]
+    out, short = tmp_path / "out", ["--timesteps", 40]  # a short chain: lesson 03 samples every class
+    code, lines = run_main(module, ["--data-dir", tiny_data_dir, "--out", out, "--max-steps", 2, *short, *tiny],
+                           capsys)
+    assert code == 0, lines
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert "metrics.csv" in before and len(before["metrics.csv"].splitlines()) >= 2
+    real = getattr(module, loss_name)
+
+    def nan_loss(*arguments):
+        result = real(*arguments)
+        return (result[0] * float("nan"), result[1]) if isinstance(result, tuple) else result * float("nan")
+
+    monkeypatch.setattr(module, loss_name, nan_loss)
+    code, lines = run_main(module, ["--data-dir", tiny_data_dir, "--out", out, "--max-steps", 2, *short, *tiny],
+                           capsys)
+    assert code == 1 and len(lines) == 1 and "loss became nan at step" in lines[0], lines
+    assert "this run saved nothing, and the earlier run's" in lines[0] and "are untouched" in lines[0], lines
+    assert "the last good checkpoint" not in lines[0], lines
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Ctrl-C or a full disk while samples.png, samples.npz or a figure is written leaves the earlier file as it
+    was and no partial file; the full disk is one line that says what ran out."""
+    import errno
+
+    import imageio.v2 as imageio
+
+    from utils import runtime, visualize
+
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    path = visualize.save_grid(images, tmp_path / "samples.png")
+    visualize.save_samples_npz(images, tmp_path / "samples.npz")
+    good = {name: (tmp_path / name).read_bytes() for name in ("samples.png", "samples.npz")}
+    real_imwrite = imageio.imwrite
+
+    def half_then(error):
+        def write(target, picture, *arguments, **keywords):
+            real_imwrite(target, picture, *arguments, **keywords)
+            with open(target, "r+b") as file:
+                file.truncate(20)  # half written ...
+            raise error  # ... when the key or the disk gave out
+        return write
+
+    for error in (KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")):
+        monkeypatch.setattr(visualize.imageio, "imwrite", half_then(error))
+        if isinstance(error, KeyboardInterrupt):
+            with pytest.raises(KeyboardInterrupt):
+                visualize.save_grid(-images, path)
+        else:
+            with pytest.raises(runtime.LessonError) as failed:
+                visualize.save_grid(-images, path)
+            assert str(failed.value).startswith(f"could not write {path}: ") and "the disk is full" in \
+                str(failed.value) and "\n" not in str(failed.value)
+        assert path.read_bytes() == good["samples.png"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz", "samples.png"]  # no partial file
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError from its zip writer; the previous checkpoint survives."""
+    import shutil
+    from collections import namedtuple
+
+    from utils import runtime
+
+    path = tmp_path / "checkpoint.pt"
+    runtime.save_checkpoint({"step": 1}, path)
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk(state, file):
+        real_save(state, file)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4304")
+
+    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(2 ** 30, 2 ** 30, 0))
+    with pytest.raises(runtime.LessonError) as failed:
+        runtime.save_checkpoint({"step": 2}, path)
+    message = str(failed.value)
+    assert message.startswith(f"could not write {path}: the disk is full (0 MiB free)") and "\n" not in message
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_metrics_csv_has_its_header_on_disk_from_the_start_and_an_empty_one_gets_it_on_resume(tmp_path):
+    """A run killed (kill -9) before its first row left an empty metrics.csv, and every --resume then appended rows
+    with no header; now the header is flushed at once, and an empty file being appended to gets one."""
+    from utils.runtime import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.csv", append=False)
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [",".join(MetricsLog.FIELDS)]  # before close
+    log.close()
+    (tmp_path / "metrics.csv").write_text("")
+    log = MetricsLog(tmp_path / "metrics.csv", append=True)
+    log.write(7, 0.5, 1e-3, 100.0)
+    log.close()
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [",".join(MetricsLog.FIELDS),
+                                                                   "7,0.500000,1.000e-03,100.0"]

@@ -214,18 +214,21 @@ SKIPPED_SHOWN = 3  # names of unreadable files printed
 
 
 def folder_files(folder, say_unused=False):
-    """(files, class names) of an image folder: with subfolders, each subfolder holding images is a class (its
-    images found at any depth below it) and images directly in `folder` are ignored (a note says how many);
-    without, every image in `folder` is unlabelled (class names ()). Files: sorted (path, label) pairs.
-    say_unused: print the note (once, when the folder is read; other callers only look at the classes)."""
+    """(files, class names) of an image folder: with subfolders, each subfolder holding a picture that Pillow can
+    open is a class (its images found at any depth below it; a subfolder of none, empty or like the __MACOSX folder
+    archive tools leave, is no class), and images directly in `folder` are ignored (a note says how many); without,
+    every image in `folder` is unlabelled (class names ()). Files: sorted (path, label) pairs. say_unused: print
+    the notes (once, when the folder is read; other callers only look at the classes)."""
     folder = Path(folder).expanduser()
     top = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     classes, files = [], []
     for sub in sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")):
         inside = sorted(path for path in sub.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
-        if inside:
+        if any(_opens(path) for path in inside):
             files += [(path, len(classes)) for path in inside]
             classes.append(sub.name)
+        elif inside and say_unused:
+            print(f"note: {sub} holds no picture that can be read; it is not a class")
     if not classes:
         return [(path, 0) for path in top], ()
     if top and say_unused:
@@ -233,9 +236,20 @@ def folder_files(folder, say_unused=False):
     return files, tuple(classes)
 
 
+def _opens(path):
+    """Whether Pillow recognises `path` as a picture (its header only: cheap)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - any reason it cannot be opened means it is no picture
+        return False
+
+
 def _fingerprint(files, size, channels):
     """Names, byte sizes and modification times of the files, with the settings: any change gives a new value."""
-    digest = hashlib.sha256(f"{size} {channels}".encode())
+    digest = hashlib.sha256(f"{size} {channels} 16-bit-scaled".encode())  # (the decoder changed: not old caches)
     for path, label in files:
         stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
@@ -243,16 +257,20 @@ def _fingerprint(files, size, channels):
 
 
 def _decode(path):
-    """One image file -> uint8 RGB [3, H, W] (transparent pixels put on white, as a viewer shows them; an
-    animated GIF's first frame), or None if Pillow cannot read it. Pillow is what torchvision's ImageFolder
-    reads with."""
+    """One image file -> uint8 RGB [3, H, W] as a viewer shows it (transparent pixels on white, an animated GIF's
+    first frame, 16-bit grayscale scaled so that 65535 is white), or None if Pillow cannot read it. Pillow is what
+    torchvision's ImageFolder reads with."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
         with Image.open(path) as opened:
             opened.seek(0)
-            picture = opened.convert("RGBA")  # every mode (palette, 16-bit, CMYK, ...) to 8-bit RGBA
+            if opened.mode.startswith("I"):  # 16-bit grayscale ("I;16", or "I" holding 0..65535): Pillow's
+                # convert() would clip it at 255 (almost all white); a viewer scales 65535 to white
+                levels = np.asarray(opened, dtype=np.float64) / 257.0
+                opened = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8), mode="L")
+            picture = opened.convert("RGBA")  # every other mode (palette, CMYK, ...) to 8-bit RGBA
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     white = Image.new("RGBA", picture.size, (255, 255, 255, 255))

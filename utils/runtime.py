@@ -4,11 +4,14 @@ None of this is what a lesson teaches, so it lives here once instead of in five 
 Errors a user can fix are raised as `LessonError` and printed by `run` as one line.
 """
 import argparse
+import contextlib
 import csv
+import errno
 import math
 import os
 import sys
 import signal
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,6 +125,80 @@ def writable_dir(text):
     return path
 
 
+_made_dirs = []  # folders this run created (make_out_dir), parents first: removed again, when empty, if it fails
+_pending_logs = []  # fresh MetricsLogs that replace an earlier run's file at this run's first checkpoint save
+_own_checkpoints = set()  # checkpoints this run saved or read: an earlier run's file is not "the last good" one
+
+
+def make_out_dir(path):
+    """Create the output folder `path` with its missing parents, remembering which folders this created: when the
+    run then fails or is refused (run() below), those that are still empty are removed again, so that a refused
+    command leaves no trace. Returns `path` as a Path."""
+    path = Path(path)
+    missing, folder = [], path
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    path.mkdir(parents=True, exist_ok=True)
+    _made_dirs.extend(reversed(missing))
+    return path
+
+
+def _forget_failed_run():
+    """After a failed or refused run: drop its pending metrics files and the output folders it made, when empty."""
+    for log in _pending_logs:
+        log.discard()
+    _pending_logs.clear()
+    for folder in reversed(_made_dirs):
+        with contextlib.suppress(OSError):  # not empty (a checkpoint was saved there), or already gone
+            folder.rmdir()
+    _made_dirs.clear()
+
+
+def write_failure(path, error, kept="the previous file there is untouched"):
+    """A LessonError in one line for an OSError or RuntimeError (torch.save reports a full disk as a RuntimeError
+    'enforce fail at inline_container.cc') raised while writing `path`: what ran out, and what was kept."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = None
+    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 16 * 2 ** 20):
+        reason = f"the disk is full ({free // 2 ** 20 if free is not None else '?'} MiB free)"
+    else:
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+    return LessonError(f"could not write {path}: {reason}; {kept}")
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Write an output file all at once: `with atomic_output(path) as temporary: save(temporary)` writes to a
+    hidden file beside `path` (with the same extension, which imageio, matplotlib and numpy read the format from)
+    and renames it onto `path` only when the save finished. Ctrl-C, a crash or a full disk mid-write leave the
+    earlier `path` as it was and no partial file; a full disk or another write error raises LessonError (one
+    line). Yields the temporary Path."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        raise write_failure(path, error) from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def pick_device(name):
     """'auto' picks CUDA, then Apple MPS, then CPU; a named device must be available."""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -144,15 +221,16 @@ def save_checkpoint(state, path):
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save (SIGKILL)
         stale.unlink(missing_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise write_failure(path, error, last_good(path)) from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -161,6 +239,9 @@ def save_checkpoint(state, path):
         os.fsync(directory)
     finally:
         os.close(directory)
+    _own_checkpoints.add(path.resolve())
+    for log in [log for log in _pending_logs if log.path.parent.resolve() == path.parent.resolve()]:
+        log.commit()  # the folder now holds this run's checkpoint: its metrics.csv becomes this run's too
 
 
 def load_checkpoint(path, lesson):
@@ -181,12 +262,19 @@ def load_checkpoint(path, lesson):
         raise LessonError(f"{path} is a checkpoint of lesson {state['lesson']}, not of {' or '.join(lessons)}")
     if state["format"] != CHECKPOINT_FORMAT:
         raise LessonError(f"{path} has checkpoint format {state['format']}, this code reads format {CHECKPOINT_FORMAT}")
+    _own_checkpoints.add(path.resolve())
     return state
 
 
 def last_good(path):
-    """For a message after training failed: where the last good checkpoint is, or that there is none yet."""
-    return f"the last good checkpoint is {path}" if Path(path).is_file() else f"no checkpoint was saved yet ({path})"
+    """For a message after training failed: where the last good checkpoint is, that there is none yet, or, for a
+    fresh run in the folder of an earlier one that it has not yet saved over, that the earlier run is untouched."""
+    path = Path(path)
+    if not path.is_file():
+        return f"no checkpoint was saved yet ({path})"
+    if path.resolve() in _own_checkpoints:
+        return f"the last good checkpoint is {path}"
+    return f"this run saved nothing, and the earlier run's {path} and metrics are untouched"
 
 
 def require_same(saved_config, config, keys, path):
@@ -226,21 +314,42 @@ def in_batches(count, batch_size, draw):
 
 
 class MetricsLog:
-    """Appends rows of (step, loss, lr, images_per_s) to a CSV file, one flush per row."""
+    """Appends rows of (step, loss, lr, images_per_s) to a CSV file, one flush per row. A fresh run (append False)
+    where an earlier run's file is writes to a hidden file beside it, which replaces the earlier file when this run
+    saves its first checkpoint in that folder (save_checkpoint) or ends well (close): a fresh run that fails first
+    leaves the earlier run's metrics as they were."""
 
     FIELDS = ("step", "loss", "lr", "images_per_s")
 
     def __init__(self, path, append):
         self.path = Path(path)
         fresh = not (append and self.path.is_file())
-        self.file = open(self.path, "w" if fresh else "a", newline="")
+        self.pending = self.path.with_name(f".{self.path.name}.new") if fresh and self.path.exists() else None
+        self.file = open(self.pending or self.path, "w" if fresh else "a", newline="")
         self.writer = csv.writer(self.file)
-        if fresh:
+        if fresh or self.path.stat().st_size == 0:  # (empty: a run killed before its header reached the disk)
             self.writer.writerow(self.FIELDS)
+            self.file.flush()
+        if self.pending is not None:
+            _pending_logs.append(self)
 
     def write(self, step, loss, lr, images_per_s):
         self.writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{images_per_s:.1f}"])
         self.file.flush()
+
+    def commit(self):
+        """Put this run's rows in place of the earlier run's file (the open file follows the rename)."""
+        if self.pending is not None:
+            os.replace(self.pending, self.path)
+            _pending_logs.remove(self)
+            self.pending = None
+
+    def discard(self):
+        """This run failed before saving anything: remove its rows, keep the earlier run's file."""
+        if self.pending is not None:
+            self.file.close()
+            self.pending.unlink(missing_ok=True)
+            self.pending = None
 
     def close(self):
         self.file.close()
@@ -383,14 +492,31 @@ def _close_progress_bars():
 
 
 def run(main):
-    """Call `main()`; print a LessonError as one line (exit 1) and Ctrl-C without a traceback (exit 130)."""
+    """Call `main()`; print a LessonError as one line (exit 1) and Ctrl-C without a traceback (exit 130). A run
+    that fails or is refused leaves no trace: the output folders it made (make_out_dir) are removed when empty, and
+    a fresh run's metrics that never replaced an earlier run's are dropped."""
+    _made_dirs.clear()
+    _pending_logs.clear()
+    _own_checkpoints.clear()
     try:
         main()
     except LessonError as error:
         _close_progress_bars()
+        _forget_failed_run()
         sys.stderr.write(f"error: {error}\n")
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _close_progress_bars()
+        _forget_failed_run()
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except SystemExit as exit_info:
+        if exit_info.code not in (0, None):
+            _forget_failed_run()
+        raise
+    except BaseException:
+        _forget_failed_run()
+        raise
+    for log in list(_pending_logs):  # ended well without a checkpoint in its folder (nothing to train): its rows
+        log.commit()
+    _made_dirs.clear()

@@ -26,7 +26,7 @@ import torch
 from torchvision.utils import make_grid
 
 from utils import data
-from utils.runtime import ArgumentParser, LessonError, positive_int, run, writable_dir
+from utils.runtime import ArgumentParser, LessonError, atomic_output, make_out_dir, positive_int, run, writable_dir
 
 DISPLAY_SCALE = 2  # 28-pixel images are tiny on a screen; upscale by pixel repetition
 GIF_MS_PER_FRAME = 80
@@ -50,7 +50,8 @@ def grid_image(images, nrow=None, scale=DISPLAY_SCALE):
 
 def save_grid(images, path, nrow=None):
     """Save [-1, 1] images N x C x H x W as one PNG grid."""
-    imageio.imwrite(path, grid_image(images, nrow))
+    with atomic_output(path) as temporary:
+        imageio.imwrite(temporary, grid_image(images, nrow))
     return Path(path)
 
 
@@ -87,7 +88,8 @@ def save_samples_npz(images, path, labels=None, captions=None):
         arrays["labels"] = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels, dtype=np.int64)
     if captions is not None:
         arrays["captions"] = np.asarray(captions, dtype=str)
-    np.savez_compressed(path, **arrays)
+    with atomic_output(path) as temporary:
+        np.savez_compressed(temporary, **arrays)
     return Path(path)
 
 
@@ -101,7 +103,8 @@ def save_captioned_rows(rows, captions, path, scale=DISPLAY_SCALE):
         axis.set_title(text, fontsize=9)
         axis.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
     return Path(path)
 
@@ -120,7 +123,8 @@ def save_attention_maps(image, maps, words, path):
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
     return Path(path)
 
@@ -129,7 +133,8 @@ def save_denoising_gif(frames, path, nrow=None):
     """frames: list of N x C x H x W tensors from noise to image; one grid per GIF frame."""
     pictures = [grid_image(frame, nrow) for frame in frames]
     durations = [GIF_MS_PER_FRAME] * (len(pictures) - 1) + [GIF_FINAL_HOLD_MS]  # Pillow reads milliseconds
-    imageio.mimsave(path, pictures, duration=durations, loop=0)
+    with atomic_output(path) as temporary:
+        imageio.mimsave(temporary, pictures, duration=durations, loop=0)
     return Path(path)
 
 
@@ -171,7 +176,8 @@ def _save_with_labels(picture, path, figsize, column_labels, row_labels, column_
         axis.xaxis.set_label_position("top")
         axis.xaxis.tick_top()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
     return Path(path)
 
@@ -199,7 +205,8 @@ def save_curves(lines, path, xlabel, ylabel, log_x=False, log_y=False, marker=No
     if any(label for _, _, label in lines):
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
     return Path(path)
 
@@ -306,7 +313,8 @@ def save_schedules(betas_by_name, path):
         axis.legend()
     axes[0].set_yscale("log")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
     return Path(path)
 
@@ -417,7 +425,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     T = 1000
     paths = []
     if args.figure == "schedules":
