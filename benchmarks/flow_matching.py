@@ -24,7 +24,7 @@ import torch
 
 from common import RESULTS, ROOT, load_lesson
 from utils import metrics
-from utils.runtime import pick_device, positive_int
+from utils.runtime import SAMPLE_BATCH_SIZE, pick_device, positive_int
 
 lesson02 = load_lesson("02_ddpm.py")
 lesson04 = load_lesson("04_ddim_fast_sampling.py")
@@ -130,7 +130,7 @@ def main(argv=None):
         alpha_bars = lesson04.make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]
         noises = torch.randn((args.samples, config["channels"], config["image_size"], config["image_size"]),
                              generator=torch.Generator().manual_seed(0))
-        options = argparse.Namespace(batch_size=500, seed=0, timestep_spacing=None, clip_x0=None)
+        options = argparse.Namespace(batch_size=SAMPLE_BATCH_SIZE, seed=0, timestep_spacing=None, clip_x0=None)
 
         def measure(sampler, calls, count):
             images, seconds = compare.draw(sampler, calls, 0.0 if sampler == "ddim" else "", model, config,
@@ -154,7 +154,14 @@ def main(argv=None):
         with torch.inference_mode():
             straight[target] = straightness(model, config, alpha_bars, noises[:256].to(device))
         print(f"{target}: straightness {straight[target]:.4f}", flush=True)
-    write(rows, straight, trained, args, time.perf_counter() - started)
+        write(rows, straight, trained, args, time.perf_counter() - started)  # after each target: a stopped run
+        # keeps what it measured
+
+
+def shown(path):
+    """path relative to the repository when it lies inside it (the results name no one's home folder)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def write(rows, straight, trained, args, seconds):
@@ -166,7 +173,8 @@ def write(rows, straight, trained, args, seconds):
         writer.writerows(rows)
     lines = ["| target | sampler | " + " | ".join(f"{calls} calls" for calls in args.calls) + " | DDPM-1000 |",
              "|---|---|" + "---|" * (len(args.calls) + 1)]
-    for target in args.targets:
+    done = [target for target in args.targets if target in straight]
+    for target in done:
         ddpm = [row for row in rows if row["target"] == target and row["sampler"] == "ddpm"]
         for sampler in SAMPLERS:
             by_calls = {row["calls"]: row for row in rows if row["target"] == target and row["sampler"] == sampler}
@@ -180,7 +188,7 @@ def write(rows, straight, trained, args, seconds):
               "|---|---|---|"]
     lines += [f"| {target} | {straight[target]:.4f} | "
               f"{'%.1f min' % trained[target] if trained[target] is not None else 'no: checkpoint reused'} |"
-              for target in args.targets]
+              for target in done]
     at_ten = [row for row in rows if row["calls"] == 10 and row["sampler"] != "ddpm"]
     ddpm = {row["target"]: row for row in rows if row["sampler"] == "ddpm"}
     if at_ten and ddpm:
@@ -193,9 +201,11 @@ def write(rows, straight, trained, args, seconds):
                       + f"{best['fd_minus_floor'] / best_ddpm['fd_minus_floor']:.2f}x the best DDPM-1000 "
                         f"({best_ddpm['target']})."]
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
+    if done != list(args.targets):
+        lines += ["", f"Measured so far: {', '.join(done)} of {', '.join(args.targets)}."]
     lines += ["", f"`python benchmarks/flow_matching.py --targets {','.join(args.targets)} --calls "
                   f"{','.join(map(str, args.calls))} --samples {args.samples} --ddpm-samples {args.ddpm_samples}` "
-                  f"on {machine}, torch {torch.__version__}, {seconds / 60:.1f} min; runs in {args.runs}."]
+                  f"on {machine}, torch {torch.__version__}, {seconds / 60:.1f} min; runs in {shown(args.runs)}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     draw_figure(rows, stem.with_suffix(".png"))
     print("\n".join(lines))
