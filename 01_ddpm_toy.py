@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, StopRequest, TrainingLog, check_finite,
-    checkpoint_due, in_batches, load_checkpoint, make_out_dir, non_negative_float, pick_device, positive_float,
-    positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
-    writable_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
+    check_finite, check_resume_length, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
+    non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
+    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, writable_dir
 )
 
 LESSON = "01_ddpm_toy"
@@ -81,6 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)  # the flags the user wrote: those a run would ignore are refused
+    if args.checkpoint is not None and not args.sample_only:
+        parser.error("--checkpoint is read only with --sample-only; to go on training, --resume reads "
+                     "OUT/checkpoint.pt")
     data.check_folder_arguments(parser, args)
     if args.image_size is not None and args.image_size % 4:
         parser.error(f"--image-size must be a multiple of 4 (the U-Net halves it twice), got {args.image_size}")
@@ -367,6 +371,9 @@ def main(argv=None):
         checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
         data.check_sample_settings(config, args, path)
+        refuse_unused(args, ("epochs", "max_steps", "batch_size", "lr", "snr_gamma"), "with --sample-only: it trains "
+                      "nothing")
+        refuse_different(args, config, ("width",), path)
         schedule = make_schedule(device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config, device)
         model.load_state_dict(checkpoint["model"])
@@ -376,7 +383,10 @@ def main(argv=None):
     start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
     dataset = data.load_training_data(args, start and start["config"])
     images = dataset.images.to(device)
-    steps_per_epoch = max(1, len(images) // args.batch_size)
+    steps_per_epoch = len(images) // args.batch_size
+    if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
+        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}: pass a --batch-size "
+                          f"of at most {len(images)}")
     config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[2],
               "width": args.width, "batch_size": args.batch_size, "lr": args.lr, "snr_gamma": args.snr_gamma,
               "seed": args.seed,
@@ -388,6 +398,7 @@ def main(argv=None):
         start["config"].setdefault("snr_gamma", 0.0)  # checkpoints from before min-SNR trained with the plain loss
         same = ARCHITECTURE_KEYS + data.data_keys(config) + ("batch_size", "snr_gamma")
         require_same(start["config"], config, same, args.out / "checkpoint.pt")
+        check_resume_length(start, config["total_steps"], args.out / "checkpoint.pt")
     schedule = make_schedule(device, config["timesteps"])
     model = build_model(config, device)
     print(f"{dataset.name}: {len(images)} images {tuple(images.shape[1:])} from {dataset.source}; "

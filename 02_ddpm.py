@@ -41,9 +41,10 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, make_out_dir, mean_over_processes,
-    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps,
-    set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
+    check_finite, check_resume_length, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
+    make_out_dir, mean_over_processes, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
+    require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
+    writable_dir
 )
 
 LESSON = "02_ddpm"
@@ -128,6 +129,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)  # the flags the user wrote: those a run would ignore are refused
+    if args.checkpoint is not None and not args.sample_only:
+        parser.error("--checkpoint is read only with --sample-only; to go on training, --resume reads "
+                     "OUT/checkpoint.pt")
     data.check_folder_arguments(parser, args)
     if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
         parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
@@ -541,6 +546,9 @@ def train(args, model, ema, images, schedule, config, device, rank, world_size, 
         model.load_state_dict(start["model"])
         ema.model.load_state_dict(start["ema"])
         optimizer.load_state_dict(start["optimizer"])
+        if "weight_decay" in getattr(args, "given", ()):  # the saved optimizer state carries its own; the user's wins
+            for group in optimizer.param_groups:
+                group["weight_decay"] = args.weight_decay
         scaler.load_state_dict(start["scaler"])
         restore_rng_states(start["rng"], generator, rank)
         step = start["step"]
@@ -672,6 +680,10 @@ def train_and_sample(args, rank, world_size, device):
         checkpoint = load_checkpoint(path, LESSON)
         config = checkpoint["config"]
         data.check_sample_settings(config, args, path)
+        refuse_unused(args, ("epochs", "max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                             "ema_decay", "checkpoint_every"), "with --sample-only: it trains nothing")
+        refuse_different(args, config, ("schedule", "prediction", "weighting_scheme", "width", "channel_mults",
+                                        "num_res_blocks", "dropout"), path)
         schedule = make_schedule(config["schedule"], device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config).to(device)
         model.load_state_dict(checkpoint["ema"])
@@ -702,6 +714,7 @@ def train_and_sample(args, rank, world_size, device):
     if start is not None:
         resume_keys = ("prediction", "weighting_scheme", *data.data_keys(config), "batch_size", "world_size", "seed")
         require_same(start["config"], config, ARCHITECTURE_KEYS + resume_keys, args.out / "checkpoint.pt")
+        check_resume_length(start, config["total_steps"], args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)
     schedule = make_schedule(args.schedule, device, config["timesteps"])

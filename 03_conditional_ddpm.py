@@ -27,9 +27,10 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, ema_decay_note, in_batches, load_checkpoint, make_out_dir, non_negative_float,
-    pick_device, positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps,
-    set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
+    check_finite, check_resume_length, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
+    make_out_dir, non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
+    require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
+    writable_dir
 )
 
 LESSON = "03_conditional_ddpm"
@@ -113,6 +114,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for --sample-only (default OUT/checkpoint.pt)")
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)  # the flags the user wrote: those a run would ignore are refused
+    if args.checkpoint is not None and not args.sample_only:
+        parser.error("--checkpoint is read only with --sample-only; to go on training, --resume reads "
+                     "OUT/checkpoint.pt")
     data.check_folder_arguments(parser, args)
     if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
         parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
@@ -439,6 +444,9 @@ def main(argv=None):
         checkpoint = with_current_names(load_checkpoint(path, LESSON))
         config = checkpoint["config"]
         data.check_sample_settings(config, args, path)
+        refuse_unused(args, ("epochs", "max_steps", "batch_size", "lr", "warmup_steps", "ema_decay", "p_uncond",
+                             "checkpoint_every"), "with --sample-only: it trains nothing")
+        refuse_different(args, config, ("width", "channel_mults", "num_res_blocks", "dropout"), path)
         schedule = make_schedule(device, saved_timesteps(config, args.timesteps, path))
         model = build_model(config).to(device)
         model.load_state_dict(checkpoint["ema"])
@@ -457,7 +465,10 @@ def main(argv=None):
     if size % 2 ** (len(args.channel_mults) - 1):
         raise LessonError(f"{dataset.name} images are {size}x{size}: too small to halve "
                           f"{len(args.channel_mults) - 1} times; use fewer --channel-mults")
-    steps_per_epoch = max(1, len(dataset.images) // args.batch_size)
+    steps_per_epoch = len(dataset.images) // args.batch_size
+    if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
+        raise LessonError(f"{len(dataset.images)} images cannot fill one batch of {args.batch_size}: pass a "
+                          f"--batch-size of at most {len(dataset.images)}")
     config = {**data.data_config(dataset), "channels": dataset.images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "num_classes": len(dataset.classes), "p_uncond": args.p_uncond,
@@ -468,6 +479,7 @@ def main(argv=None):
     if start is not None:
         require_same(start["config"], config, ARCHITECTURE_KEYS + data.data_keys(config) + ("batch_size", "seed", "p_uncond"),
                      args.out / "checkpoint.pt")
+        check_resume_length(start, config["total_steps"], args.out / "checkpoint.pt")
     model = build_model(config).to(device)
     ema = EMA(model, args.ema_decay)
     schedule = make_schedule(device, config["timesteps"])

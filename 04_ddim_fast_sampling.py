@@ -41,9 +41,9 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, checkpoint_due, in_batches, load_checkpoint, make_out_dir, non_negative_float, pick_device,
-    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
-    stopped_early, warmup_learning_rate, writable_dir,
+    check_finite, check_resume_length, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
+    non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
+    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
 )
 
 LESSON = "04_ddim_fast_sampling"
@@ -148,6 +148,7 @@ def parse_args(argv=None):
                              "eta = 0, the deterministic map from noise to image: interpolation.png/.gif and "
                              "interpolation_grid.png")
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)  # the flags the user wrote: those a run would ignore are refused
     data.check_folder_arguments(parser, args)
     if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
         parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
@@ -165,7 +166,8 @@ def parse_args(argv=None):
             args.timesteps or T) >= 1:
         parser.error(f"--timesteps must be at least 2, and more than {round(BETA_END * 1000)} with the linear schedule "
                      f"(its last beta, 0.02 x 1000 / T, must stay below 1); got {args.timesteps}")
-    if args.steps is not None and args.steps > (args.timesteps or T):
+    if args.steps is not None and args.steps > (args.timesteps or T) and not (
+            args.sample_only or args.resume or args.checkpoint):  # a checkpoint's own T is checked once it is read
         parser.error(f"--steps must be at most T = {args.timesteps or T}, the number of training timesteps, "
                      f"got {args.steps}")
     if args.resume and (args.sample_only or args.checkpoint):
@@ -575,12 +577,18 @@ def main(argv=None):
             raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
                               f"trained with")
         data.check_sample_settings(config, args, path)
+        refuse_unused(args, ("epochs", "max_steps", "batch_size", "lr"), "when a checkpoint is sampled: it trains "
+                      "nothing")
+        refuse_different(args, config, ("width", "channel_mults", "schedule", "prediction"), path)
         dataset = data.load_checkpoint_data(config, args)
     else:
         start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
         dataset = data.load_training_data(args, start and start["config"])
         images = dataset.images.to(device)
-        steps_per_epoch = max(1, len(images) // args.batch_size)
+        steps_per_epoch = len(images) // args.batch_size
+        if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
+            raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}: pass a --batch-size "
+                              f"of at most {len(images)}")
         config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],
                   "width": args.width, "channel_mults": list(args.channel_mults), "num_res_blocks": 1,
                   "schedule": args.schedule, "prediction": args.prediction, "steps_per_epoch": steps_per_epoch,
@@ -593,6 +601,10 @@ def main(argv=None):
                          (*data.data_keys(config), "channels", "image_size", "width", "channel_mults", "schedule",
                           "prediction"),
                          args.out / "checkpoint.pt")
+            check_resume_length(start, config["total_steps"], args.out / "checkpoint.pt")
+        if args.steps is not None and args.steps > config["timesteps"]:
+            raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps "
+                              f"{args.out / 'checkpoint.pt'} was trained with")
         model = UNet(config["channels"], args.width, args.channel_mults, 1).to(device)
         ema = EMA(model, EMA_DECAY)
         alpha_bars = make_schedule(args.schedule, device, config["timesteps"])["alpha_bars"]

@@ -29,9 +29,9 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog, check_finite,
-    checkpoint_due, ema_decay_note, in_batches, load_checkpoint, make_out_dir, non_negative_float, pick_device,
-    positive_float, positive_int, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate,
-    stopped_early, warmup_learning_rate, writable_dir,
+    check_resume_length, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint, make_out_dir,
+    non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
+    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
 )
 
 LESSON = "05_latent_diffusion"
@@ -115,6 +115,10 @@ def parse_args(argv=None):
                         help="also walk between latent starting noises (slerp and lerp), decoded by latent DDIM at "
                              "--steps with eta = 0 and the decoder: interpolation.png/.gif and interpolation_grid.png")
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)  # the flags the user wrote: those a run would ignore are refused
+    if args.checkpoint is not None and not args.sample_only:
+        parser.error("--checkpoint is read only with --sample-only; to go on training, --resume reads "
+                     "OUT/checkpoint.pt")
     data.check_folder_arguments(parser, args)
     if args.image_size is not None and args.image_size % 4:
         parser.error(f"--image-size must be a multiple of 4 (the autoencoder halves it twice: f = 4), "
@@ -124,7 +128,7 @@ def parse_args(argv=None):
                      f"sqrt(1 - alpha_bar_prev), and Eq. 12's direction term would need the root of a negative number")
     if args.timesteps is not None and args.timesteps < 2:
         parser.error(f"--timesteps must be at least 2, got {args.timesteps}")
-    if args.steps is not None and args.steps > (args.timesteps or T):
+    if args.steps is not None and args.steps > (args.timesteps or T) and not (args.sample_only or args.resume):
         parser.error(f"--steps must be at most T = {args.timesteps or T}, the number of training timesteps, "
                      f"got {args.steps}")
     if args.resume and args.sample_only:
@@ -571,6 +575,10 @@ def stage_two(args, autoencoder, latents, scale, config, device):
         require_same(start["config"], config, (*data.data_keys(config), "latent_channels", "autoencoder_width", "width"),
                      path)
         scale = start["config"]["scale"]  # the scale the model was trained with, not a new measurement
+        check_resume_length(start, config["diffusion_steps"], path)
+    if args.steps is not None and args.steps > config["timesteps"]:
+        raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was trained "
+                          f"with")
     return train_diffusion(args, latents, scale, autoencoder, config, device, start), scale
 
 
@@ -605,6 +613,9 @@ def main(argv=None):
         path = args.checkpoint or args.out / "checkpoint.pt"
         model, autoencoder, scale, config = load_for_sampling(path, device, args.timesteps)
         data.check_sample_settings(config, args, path)
+        refuse_unused(args, ("stage", "autoencoder_epochs", "epochs", "max_steps", "batch_size", "lr", "autoencoder_lr",
+                             "ema_decay"), "with --sample-only: it trains nothing")
+        refuse_different(args, config, ("latent_channels", "autoencoder_width", "width", "kl_weight"), path)
         if args.steps is not None and args.steps > config["timesteps"]:
             raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
                               f"trained with")

@@ -101,6 +101,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--out", type=writable_dir, default=Path("outputs/compare_methods"), help="output folder")
     args = parser.parse_args(argv)
+    if any(args.eta) and "ddim" not in args.samplers:
+        parser.error(f"--eta is DDIM's noise, and --samplers {','.join(args.samplers)} has no ddim: the others are "
+                     f"deterministic; add ddim or drop --eta")
     if args.ddpm_samples > args.num_samples:
         parser.error(f"--ddpm-samples ({args.ddpm_samples}) must be at most --num-samples ({args.num_samples}): "
                      f"DDPM draws from the same noises")

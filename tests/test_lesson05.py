@@ -27,6 +27,7 @@ def small_data_dir(tmp_path):
 
 TINY = ["--autoencoder-width", "8", "--width", "8", "--batch-size", "32", "--steps", "5", "--num-samples", "4",
         "--device", "cpu", "--timesteps", "25"]
+SAMPLING = [flag for flag in TINY if flag not in ("--batch-size", "32")]  # --sample-only refuses training flags
 
 
 @pytest.mark.parametrize("channels,size,latent_size", [(1, 28, 7), (3, 32, 8)])
@@ -213,7 +214,10 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, fl
         assert (out / name).stat().st_size > 0, name
     assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
     (out / "samples.npz").unlink()
-    third = lesson("--sample-only", "--interpolate", *common)
+    refused = lesson("--sample-only", *common)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "error: --batch-size does nothing with --sample-only: it trains nothing; leave it out"]
+    third = lesson("--sample-only", "--interpolate", "--data-dir", small_data_dir, "--out", out, *SAMPLING)
     assert third.returncode == 0, third.stderr
     assert np.load(out / "samples.npz")["images"].shape == (4, 12, 12, 1)
     for name in ("interpolation.png", "interpolation.gif", "interpolation_grid.png"):
@@ -225,7 +229,7 @@ def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, fl
     too_many = lesson("--sample-only", "--out", out, "--steps", "30")
     assert too_many.returncode == 1 and "--steps 30 is more than the 25 timesteps" in too_many.stderr
     assert_sampling_uses_the_ema_weights(out / "checkpoint.pt", lambda path, folder: lesson(
-        "--sample-only", "--checkpoint", path, "--out", folder, *TINY), tmp_path)
+        "--sample-only", "--checkpoint", path, "--out", folder, *SAMPLING), tmp_path)
 
 
 def test_latents_are_scaled_for_the_diffusion_model_and_unscaled_for_the_decoder(small_data_dir, tmp_path, lesson05,

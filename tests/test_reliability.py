@@ -307,3 +307,70 @@ def test_metrics_csv_has_its_header_on_disk_from_the_start_and_an_empty_one_gets
     log.close()
     assert (tmp_path / "metrics.csv").read_text().splitlines() == [",".join(MetricsLog.FIELDS),
                                                                    "7,0.500000,1.000e-03,100.0"]
+
+
+# --- a flag the user gave acts, or is refused in one line ---
+
+@pytest.mark.parametrize("key", list(LESSONS))
+def test_flags_a_run_would_ignore_are_refused_in_one_line_and_the_run_changes_nothing(key, tiny_data_dir, tmp_path,
+                                                                                      capsys):
+    """After a good run: sampling it with a network flag that differs from the checkpoint's, or with a training flag
+    (it trains nothing), --checkpoint without --sample-only, --resume shorter than the checkpoint's step, and a
+    batch larger than the data are each refused in one line, and the run's files stay as they were."""
+    module, (_, tiny, _, _) = lesson_module(key), LESSONS[key]
+    out = tmp_path / "out"
+    good = ["--data-dir", tiny_data_dir, "--out", out, "--max-steps", 2, "--timesteps", 40, *tiny]
+    code, lines = run_main(module, good, capsys)
+    assert code == 0, lines
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    checkpoint = out / "checkpoint.pt"
+    sample = ["--data-dir", tiny_data_dir, "--out", out, "--timesteps", 40, "--num-samples", 2,
+              *(["--steps", 4] if key in ("04", "05") else []),
+              *(["--checkpoint", checkpoint] if key == "04" else ["--sample-only", "--checkpoint", checkpoint])]
+    cases = [  # (command line, exit code, what the one line must say)
+        ([*sample, "--width", 16], 1, "not --width 16: the network comes from the checkpoint"),
+        ([*sample, "--lr", 0.5], 1, "--lr does nothing"),
+        ([*sample, "--lr", 0.5, "--max-steps", 9], 1, "--max-steps, --lr do nothing"),
+        ([*good, "--resume", "--max-steps", 1], 1, "is at step 2, past the 1 steps this run asks for"),
+        ([*good, "--batch-size", 100_000], 1, "cannot fill one batch of 100000"),
+    ]
+    if key != "04":  # lesson 04 samples the checkpoint it is given; the others read one only to sample it
+        cases.append(([*good, "--checkpoint", checkpoint], 2, "--checkpoint is read only with --sample-only"))
+    for argv, expected_code, expected in cases:
+        code, lines = run_main(module, argv, capsys)
+        assert code == expected_code and len(lines) == 1 and expected in lines[0], (argv, lines)
+        assert {path.name: path.read_bytes() for path in out.iterdir()} == before, argv
+    code, lines = run_main(module, [*sample, "--width", 8], capsys)  # the checkpoint's own value is accepted
+    assert code == 0, lines
+
+
+def test_lesson02_resume_uses_the_weight_decay_given_and_keeps_the_saved_one_otherwise(tiny_data_dir, tmp_path,
+                                                                                      capsys):
+    module, (_, tiny, _, _) = lesson_module("02"), LESSONS["02"]
+    out = tmp_path / "out"
+    common = ["--data-dir", tiny_data_dir, "--out", out, "--timesteps", 40, *tiny]
+    assert run_main(module, [*common, "--max-steps", 2, "--weight-decay", 0.25], capsys)[0] == 0
+    assert run_main(module, [*common, "--max-steps", 4, "--resume"], capsys)[0] == 0
+    groups = load_checkpoint(out / "checkpoint.pt", module.LESSON)["optimizer"]["param_groups"]
+    assert {group["weight_decay"] for group in groups} == {0.25}  # not given: the run's own value goes on
+    assert run_main(module, [*common, "--max-steps", 6, "--resume", "--weight-decay", 0.5], capsys)[0] == 0
+    groups = load_checkpoint(out / "checkpoint.pt", module.LESSON)["optimizer"]["param_groups"]
+    assert {group["weight_decay"] for group in groups} == {0.5}  # given: it acts
+
+
+def test_eta_is_refused_where_no_sampler_has_noise(capsys):
+    compare = load_lesson("examples/compare_methods.py")
+    assert_refused(compare.parse_args, ["--samplers", "dpm-solver++", "--eta", "0.5"], "--eta is DDIM's noise", capsys)
+    assert compare.parse_args(["--samplers", "ddim,dpm-solver++", "--eta", "0,0.5"]).eta == (0.0, 0.5)
+    assert_refused(lesson_module("04").parse_args, ["--sampler", "dpm-solver++", "--eta", "0.5"],
+                   "--eta is DDIM's noise", capsys)
+
+
+@pytest.mark.parametrize("key", ["04", "05"])
+def test_steps_beyond_the_default_T_wait_for_the_checkpoint_s_own_T(key, capsys):
+    """A checkpoint trained with --timesteps 2000 may be sampled in 1500 steps: the check waits for its T."""
+    parse_args = lesson_module(key).parse_args
+    reading = ["--checkpoint", "c.pt"] if key == "04" else ["--sample-only"]
+    assert parse_args([*reading, "--steps", "1500"]).steps == 1500
+    assert parse_args(["--resume", "--steps", "1500"]).steps == 1500
+    assert_refused(parse_args, ["--steps", "1500"], "--steps must be at most T = 1000", capsys)

@@ -286,6 +286,53 @@ def require_same(saved_config, config, keys, path):
             )
 
 
+_UNSET = object()
+
+
+def given_flags(parser, argv=None):
+    """The dests of the flags written on the command line `argv` (sys.argv[1:] when None), abbreviations included:
+    argparse fills in a default only where the namespace it is handed has no value yet, so a namespace preset to a
+    marker keeps the marker exactly where the user gave nothing. Call it after parse_args has accepted argv."""
+    probe = argparse.Namespace(**{action.dest: _UNSET for action in parser._actions
+                                  if action.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, probe)
+    return {dest for dest, value in vars(probe).items() if value is not _UNSET}
+
+
+def flag(dest):
+    """'max_steps' -> '--max-steps'."""
+    return "--" + dest.replace("_", "-")
+
+
+def refuse_unused(args, dests, reason):
+    """LessonError (one line) when the user gave any of the flags `dests` (their argparse dests), which do nothing
+    in this run, for `reason` (e.g. "with --sample-only: it trains nothing"). args.given is given_flags' set."""
+    unused = [flag(dest) for dest in dests if dest in getattr(args, "given", ())]
+    if unused:
+        raise LessonError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing {reason}; leave "
+                          f"{'it' if len(unused) == 1 else 'them'} out")
+
+
+def refuse_different(args, config, dests, path):
+    """LessonError (one line) when a flag the user gave (args.given) asks for another value than the checkpoint at
+    `path` was trained with (config[dest]); a flag left out, or given the checkpoint's value, is accepted."""
+    for dest in dests:
+        if dest in getattr(args, "given", ()):
+            chosen, saved = getattr(args, dest), config.get(dest)
+            if (list(chosen) if isinstance(chosen, tuple) else chosen) != saved:
+                shown = ",".join(map(str, chosen)) if isinstance(chosen, (list, tuple)) else chosen
+                raise LessonError(f"{path} was trained with {dest}={saved}, not {flag(dest)} {shown}: the network "
+                                  f"comes from the checkpoint; leave {flag(dest)} out")
+
+
+def check_resume_length(start, total_steps, path):
+    """With --resume: LessonError (one line) when the run's length (--max-steps or --epochs, in steps) is below
+    the step the checkpoint at `path` has reached, which would train nothing and report a length it never ran."""
+    if start is not None and total_steps < start["step"]:
+        raise LessonError(f"{path} is at step {start['step']}, past the {total_steps} steps this run asks for: "
+                          f"give --max-steps or --epochs beyond it, or sample it with --sample-only")
+
+
 def saved_timesteps(config, chosen, path, default=1000):
     """The number of diffusion steps T to use with a checkpoint: the one in its config (`default` for checkpoints
     saved before --timesteps existed). A network trained for one T does not fit another: raises LessonError
