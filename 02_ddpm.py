@@ -695,9 +695,7 @@ def train_and_sample(args, rank, world_size, device):
     dataset = load_training_data(args, rank, world_size, start and start["config"])
     images = dataset.images.to(device)
     size = images.shape[-1]
-    if size % 2 ** (len(args.channel_mults) - 1):
-        raise LessonError(f"{dataset.name} images are {size}x{size}: too small to halve "
-                          f"{len(args.channel_mults) - 1} times; use fewer --channel-mults")
+    data.check_unet_fits(dataset, args.channel_mults)  # the same refusal in every copy of the U-Net
     steps_per_epoch = len(images) // (args.batch_size * world_size)
     if steps_per_epoch == 0:
         raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size} x {world_size} processes: "

@@ -462,9 +462,7 @@ def main(argv=None):
         raise LessonError(f"--class-label must be between 0 and {len(dataset.classes) - 1}, got {args.class_label}")
     dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)
     size = dataset.images.shape[-1]
-    if size % 2 ** (len(args.channel_mults) - 1):
-        raise LessonError(f"{dataset.name} images are {size}x{size}: too small to halve "
-                          f"{len(args.channel_mults) - 1} times; use fewer --channel-mults")
+    data.check_unet_fits(dataset, args.channel_mults)  # the same refusal in every copy of the U-Net
     steps_per_epoch = len(dataset.images) // args.batch_size
     if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
         raise LessonError(f"{len(dataset.images)} images cannot fill one batch of {args.batch_size}: pass a "

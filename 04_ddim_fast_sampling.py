@@ -585,6 +585,7 @@ def main(argv=None):
         start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
         dataset = data.load_training_data(args, start and start["config"])
         images = dataset.images.to(device)
+        data.check_unet_fits(dataset, args.channel_mults)  # the same refusal as lessons 02 and 03
         steps_per_epoch = len(images) // args.batch_size
         if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
             raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}: pass a --batch-size "

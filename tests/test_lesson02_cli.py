@@ -231,4 +231,4 @@ def test_images_too_small_for_the_levels_are_refused(tmp_path, cli):
     write_idx(data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(64))
     result = cli("--data-dir", data_dir, "--out", tmp_path / "out", "--channel-mults", "1,2,2,2", "--width", "8")
     assert result.returncode == 1
-    assert "too small to halve 3 times" in result.stderr and "Traceback" not in result.stderr
+    assert "28 cannot be halved 3 times" in result.stderr and "Traceback" not in result.stderr

@@ -374,3 +374,19 @@ def test_steps_beyond_the_default_T_wait_for_the_checkpoint_s_own_T(key, capsys)
     assert parse_args([*reading, "--steps", "1500"]).steps == 1500
     assert parse_args(["--resume", "--steps", "1500"]).steps == 1500
     assert_refused(parse_args, ["--steps", "1500"], "--steps must be at most T = 1000", capsys)
+
+
+@pytest.mark.parametrize("key", ["02", "03", "04"])
+def test_every_copy_of_the_unet_refuses_the_same_levels_in_one_line_before_training(key, tiny_data_dir, tmp_path,
+                                                                                    capsys):
+    """Issue 38, kind 1: lessons 02, 03 and 04 build the same U-Net, so 28x28 pictures with four levels (halved
+    three times: 28 -> 14 -> 7 -> 3, and the skip of 7 no longer fits) are refused by the one shared check
+    (utils.data.check_unet_fits) in each, before any step, and leave no checkpoint."""
+    module, (_, tiny, _, _) = lesson_module(key), LESSONS[key]
+    out = tmp_path / "out"
+    argv = ["--data-dir", tiny_data_dir, "--out", out, "--device", "cpu", "--max-steps", "2", "--timesteps", "25",
+            *tiny, "--channel-mults", "1,2,2,2"]
+    code, lines = run_main(module, argv, capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert "28x28: 28 cannot be halved 3 times by --channel-mults 1,2,2,2" in lines[0]
+    assert not (out / "checkpoint.pt").exists()

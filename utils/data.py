@@ -453,3 +453,15 @@ def load_checkpoint_data(config, args):
     if config.get("dataset") == FOLDER_DATASET:
         return load_image_folder(config["image_folder"], config["image_size"], config["channels"], args.data_dir)
     return load_with_fallback(config["dataset"], args.data_dir, explicit=True, download=False)
+
+
+def check_unet_fits(dataset, channel_mults):
+    """The U-Net of lessons 02-04 halves the picture once per level below the first (len(channel_mults) - 1 times)
+    and adds each skip back at its own size, so the side of dataset.images [N, C, H, W] must divide by 2 that
+    many times. Raises LessonError (one line) naming the fix otherwise. One check that every lesson's copy of the
+    network answers, so that they refuse the same --channel-mults on the same data."""
+    size, halvings = dataset.images.shape[-1], len(channel_mults) - 1
+    if size % 2 ** halvings:
+        raise LessonError(f"{dataset.name} images are {size}x{size}: {size} cannot be halved {halvings} times by "
+                          f"--channel-mults {','.join(map(str, channel_mults))}; use fewer levels or --image-size "
+                          f"a multiple of {2 ** halvings}")
