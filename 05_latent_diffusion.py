@@ -73,7 +73,8 @@ def parse_args(argv=None):
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=15, help="stage 2 passes over the data")
     length.add_argument("--max-steps", type=positive_int, default=None,
-                        help="stop each stage after this many steps instead")
+                        help="stop each stage after this many steps instead (a trained autoencoder that is reused "
+                             "keeps its length: then only stage 2's)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step, both stages")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate of stage 2 "
                         "(paper: 1e-4 to 2e-4 for much larger models)")
@@ -116,6 +117,8 @@ def parse_args(argv=None):
                              "--steps with eta = 0 and the decoder: interpolation.png/.gif and interpolation_grid.png")
     args = parser.parse_args(argv)
     args.given = given_flags(parser, argv)  # the flags the user wrote: those a run would ignore are refused
+    if args.max_steps is not None and "autoencoder_epochs" in args.given:
+        parser.error("--max-steps and --autoencoder-epochs both set stage 1's length; give one of them")
     if args.checkpoint is not None and not args.sample_only:
         parser.error("--checkpoint is read only with --sample-only; to go on training, --resume reads "
                      "OUT/checkpoint.pt")
@@ -555,7 +558,11 @@ def stage_one(args, images, config, device):
                 raise LessonError(f"{path} was trained with {key}={saved['config'][key]}, this run has "
                                   f"{key}={config[key]}; use another --out, or delete it to train a new one")
         finished = saved["step"] >= saved["config"]["autoencoder_steps"]
+        if "autoencoder_epochs" in args.given and config["autoencoder_steps"] != saved["config"]["autoencoder_steps"]:
+            check_autoencoder_length(args, saved, config, path)
+            finished = False  # --resume to the length asked: train_autoencoder goes on from saved["step"]
         if finished and args.stage != "autoencoder":
+            refuse_unused(args, ("autoencoder_lr",), f"when {path} is trained and reused")
             print(f"reusing the trained autoencoder in {path} (step {saved['step']})")
             autoencoder = Autoencoder(config["channels"], config["autoencoder_width"], config["latent_channels"])
             autoencoder.load_state_dict(saved["model"])
@@ -565,8 +572,35 @@ def stage_one(args, images, config, device):
     return train_autoencoder(args, images, config, device, saved)
 
 
-def stage_two(args, autoencoder, latents, scale, config, device):
-    """Train the latent U-Net on the latents' (means, stds), or continue it with --resume: -> (EMA U-Net, scale)."""
+def check_autoencoder_length(args, saved, config, path):
+    """--autoencoder-epochs asks a finished or unfinished autoencoder.pt for another length than it was started with:
+    LessonError (one line) unless this is a --resume that only lengthens it and no diffusion model depends on it."""
+    asked, trained = config["autoencoder_steps"], saved["config"]["autoencoder_steps"]
+    what = f"--autoencoder-epochs {args.autoencoder_epochs} ({asked} steps)"
+    if not args.resume:
+        raise LessonError(f"{path} was trained for {trained} steps, not the {what}: add --resume to continue it, "
+                          f"or use another --out")
+    check_resume_length(saved, asked, path)
+    if (args.out / "checkpoint.pt").is_file():
+        raise LessonError(f"{what}: {args.out / 'checkpoint.pt'} learned the latents of {path} as they are, and "
+                          f"training the autoencoder on would leave them behind; leave --autoencoder-epochs out, or "
+                          f"train both stages in another --out")
+
+
+def check_same_autoencoder(start, autoencoder, path, autoencoder_path):
+    """--resume of stage 2: LessonError (one line) when autoencoder.pt is no longer the autoencoder whose latents (and
+    scale) the diffusion model at `path` learned, as after --stage autoencoder was run again."""
+    current = autoencoder.state_dict()
+    if start["autoencoder"].keys() != current.keys() or any(
+            not torch.equal(value, current[name].cpu()) for name, value in start["autoencoder"].items()):
+        raise LessonError(f"{path} learned the latents of another autoencoder than {autoencoder_path} (trained again "
+                          f"since?): its scale and latents would not fit; train stage 2 afresh (leave --resume out) "
+                          f"or use another --out")
+
+
+def diffusion_start(args, autoencoder, config):
+    """The stage 2 checkpoint --resume continues (None for a fresh stage 2), checked against this run before anything
+    is written: the same data, network and autoencoder, a longer length, and --steps within its T (set in config)."""
     path = args.out / "checkpoint.pt"
     # --stage all --resume after an interrupted stage 1 finds no checkpoint.pt yet: stage 2 starts afresh.
     start = load_checkpoint(path, LESSON) if args.resume and (path.is_file() or args.stage == "diffusion") else None
@@ -574,11 +608,19 @@ def stage_two(args, autoencoder, latents, scale, config, device):
         config["timesteps"] = saved_timesteps(start["config"], args.timesteps, path)
         require_same(start["config"], config, (*data.data_keys(config), "latent_channels", "autoencoder_width", "width"),
                      path)
-        scale = start["config"]["scale"]  # the scale the model was trained with, not a new measurement
+        check_same_autoencoder(start, autoencoder, path, args.out / "autoencoder.pt")
         check_resume_length(start, config["diffusion_steps"], path)
     if args.steps is not None and args.steps > config["timesteps"]:
         raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was trained "
                           f"with")
+    return start
+
+
+def stage_two(args, autoencoder, latents, scale, config, device, start):
+    """Train the latent U-Net on the latents' (means, stds), or continue `start` (diffusion_start's checkpoint):
+    -> (EMA U-Net, scale)."""
+    if start is not None:
+        scale = start["config"]["scale"]  # the scale the model was trained with, not a new measurement
     return train_diffusion(args, latents, scale, autoencoder, config, device, start), scale
 
 
@@ -626,6 +668,10 @@ def main(argv=None):
         for path in paths:
             print(f"wrote {path}")
         return
+    if args.stage == "autoencoder":
+        refuse_unused(args, ("epochs", "lr", "width", "ema_decay", "steps", "timesteps", "eta", "timestep_spacing",
+                             "num_samples", "sample_batch_size", "interpolate"),
+                      "with --stage autoencoder: it trains and draws no diffusion model")
     saved = args.out / "autoencoder.pt"  # --resume: its image size and channels are checked before reading a folder
     saved = load_checkpoint(saved, AUTOENCODER_LESSON)["config"] if args.resume and saved.is_file() else None
     dataset = data.load_training_data(args, saved)
@@ -634,6 +680,7 @@ def main(argv=None):
     if args.resume and not any((args.out / name).is_file() for name in ("autoencoder.pt", "checkpoint.pt")):
         raise LessonError(f"--resume: no checkpoint in {args.out} to continue from")
     autoencoder = stage_one(args, images, config, device)
+    start = diffusion_start(args, autoencoder, config) if args.stage != "autoencoder" else None
     latents = encode_dataset(autoencoder, images, device)
     scale = latent_scale(*latents, torch.Generator(device=device).manual_seed(args.seed))
     print(f"latents: {tuple(latents[0].shape[1:])} per image; scale factor {scale:.4f} (1 / their standard "
@@ -644,7 +691,7 @@ def main(argv=None):
         paths += [args.out / "autoencoder_metrics.csv", visualize.save_loss_curve(
             args.out / "autoencoder_metrics.csv", args.out / "autoencoder_loss.png", "L1 reconstruction error per pixel")]
     if args.stage != "autoencoder":
-        model, scale = stage_two(args, autoencoder, latents, scale, config, device)
+        model, scale = stage_two(args, autoencoder, latents, scale, config, device, start)
         args.steps = args.steps or min(DEFAULT_STEPS, config["timesteps"])  # T is known now, also on --resume
         paths += [args.out / "checkpoint.pt", args.out / "metrics.csv",
                   visualize.save_loss_curve(args.out / "metrics.csv", args.out / "loss.png"),

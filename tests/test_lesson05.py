@@ -28,6 +28,7 @@ def small_data_dir(tmp_path):
 TINY = ["--autoencoder-width", "8", "--width", "8", "--batch-size", "32", "--steps", "5", "--num-samples", "4",
         "--device", "cpu", "--timesteps", "25"]
 SAMPLING = [flag for flag in TINY if flag not in ("--batch-size", "32")]  # --sample-only refuses training flags
+STAGE1 = ["--autoencoder-width", "8", "--batch-size", "32", "--device", "cpu"]  # --stage autoencoder refuses the rest
 
 
 @pytest.mark.parametrize("channels,size,latent_size", [(1, 28, 7), (3, 32, 8)])
@@ -199,7 +200,7 @@ def lesson(lesson05, capsys):
 def test_stages_one_by_one_then_sample_only(small_data_dir, tmp_path, lesson, float32_on_device):
     out = tmp_path / "out"
     common = ["--data-dir", small_data_dir, "--out", out, *TINY]
-    first = lesson("--stage", "autoencoder", "--max-steps", "4", *common)
+    first = lesson("--stage", "autoencoder", "--max-steps", "4", "--data-dir", small_data_dir, "--out", out, *STAGE1)
     assert first.returncode == 0, first.stderr
     for name in ("autoencoder.pt", "reconstructions.png", "latents.png", "autoencoder_loss.png"):
         assert (out / name).stat().st_size > 0 and f"wrote {out / name}" in first.stdout
@@ -270,8 +271,8 @@ def test_resume_of_stage_two_is_exact(small_data_dir, tmp_path, lesson, lesson05
         return checkpoint["model"], checkpoint["ema"], checkpoint["optimizer"]["state"]
 
     for out in (tmp_path / "straight", tmp_path / "resumed"):
-        common = ["--data-dir", small_data_dir, "--out", out, *TINY, "--num-samples", "1"]
-        assert lesson("--stage", "autoencoder", "--max-steps", "4", *common).returncode == 0
+        assert lesson("--stage", "autoencoder", "--max-steps", "4", "--data-dir", small_data_dir, "--out", out,
+                      *STAGE1).returncode == 0
     straight = lesson("--stage", "diffusion", "--max-steps", "12", "--data-dir", small_data_dir,
                       "--out", tmp_path / "straight", *TINY)
     assert straight.returncode == 0, straight.stderr
@@ -306,7 +307,8 @@ def test_missing_or_mismatched_autoencoder_is_one_line(small_data_dir, tmp_path,
     assert missing.returncode == 1 and missing.stderr.strip().startswith("error: --stage diffusion needs a trained")
     nothing = lesson("--resume", "--max-steps", "2", *common)
     assert nothing.returncode == 1 and "no checkpoint in" in nothing.stderr and "Traceback" not in nothing.stderr
-    assert lesson("--stage", "autoencoder", "--max-steps", "2", *common).returncode == 0
+    assert lesson("--stage", "autoencoder", "--max-steps", "2", "--data-dir", small_data_dir, "--out", out,
+                  *STAGE1).returncode == 0
     other = lesson("--stage", "diffusion", "--max-steps", "2", *common, "--latent-channels", "3")
     assert other.returncode == 1 and "latent_channels=4" in other.stderr and "latent_channels=3" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1

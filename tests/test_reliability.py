@@ -390,3 +390,42 @@ def test_every_copy_of_the_unet_refuses_the_same_levels_in_one_line_before_train
     assert code == 1 and len(lines) == 1, lines
     assert "28x28: 28 cannot be halved 3 times by --channel-mults 1,2,2,2" in lines[0]
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_lesson05_stage_flags_act_or_are_refused_in_one_line(tiny_data_dir, tmp_path, capsys):
+    """Issue 38, kind 2, for lesson 05's two stages: --stage autoencoder refuses the diffusion and sampling flags;
+    --autoencoder-epochs lengthens a --resume'd autoencoder that no diffusion model depends on, and is refused in
+    one line where it would do nothing (no --resume) or leave a diffusion model's latents behind; a reused
+    autoencoder refuses --autoencoder-lr; after --stage autoencoder is run again, --resume of stage 2 is refused
+    (it learned the old latents and scale) and a fresh stage 2 trains. Refused runs change no file."""
+    module = lesson_module("05")
+    out = tmp_path / "out"
+    stage1 = ["--data-dir", tiny_data_dir, "--out", out, "--autoencoder-width", 8, "--batch-size", 64, "--device", "cpu"]
+    common = [*stage1, "--width", 8, "--steps", 4, "--num-samples", 2, "--timesteps", 40]  # 256 images: 4 steps/epoch
+
+    def files():
+        return {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def refused(argv, code, expected):
+        before = files()
+        got, lines = run_main(module, argv, capsys)
+        assert got == code and len(lines) == 1 and expected in lines[0], (argv, lines)
+        assert files() == before, argv
+
+    assert run_main(module, ["--stage", "autoencoder", "--max-steps", 2, *stage1], capsys)[0] == 0
+    refused(["--stage", "autoencoder", *stage1, "--steps", 4, "--interpolate"], 1,
+            "--steps, --interpolate do nothing with --stage autoencoder")
+    refused(["--stage", "autoencoder", *stage1, "--width", 16], 1, "--width does nothing with --stage autoencoder")
+    code, lines = run_main(module, ["--stage", "autoencoder", *stage1, "--resume", "--autoencoder-epochs", 1], capsys)
+    assert code == 0, lines
+    assert load_checkpoint(out / "autoencoder.pt", module.AUTOENCODER_LESSON)["step"] == 4  # it acted: from step 2 to 4
+    assert run_main(module, ["--max-steps", 2, *common], capsys)[0] == 0  # reuses the autoencoder of 4 steps
+    refused([*common, "--resume", "--autoencoder-epochs", 2], 1, "learned the latents of")
+    refused([*common, "--autoencoder-epochs", 2], 1, "was trained for 4 steps, not the --autoencoder-epochs 2 (8 steps)")
+    refused([*common, "--max-steps", 2, "--autoencoder-epochs", 1], 2, "--max-steps and --autoencoder-epochs both")
+    refused([*common, "--max-steps", 2, "--autoencoder-lr", 0.01], 1, "--autoencoder-lr does nothing when")
+    assert run_main(module, ["--stage", "autoencoder", "--max-steps", 2, "--seed", 1, *stage1], capsys)[0] == 0
+    refused(["--stage", "diffusion", "--resume", "--max-steps", 4, *common], 1,
+            "learned the latents of another autoencoder than")
+    code, lines = run_main(module, ["--stage", "diffusion", "--max-steps", 2, *common], capsys)
+    assert code == 0, lines
