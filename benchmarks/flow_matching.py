@@ -118,6 +118,10 @@ def main(argv=None):
     parser.add_argument("--train-args", default="", help="extra flags for lesson 02's runs (default: none, its defaults)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--samplers", type=compare.sampler_names, default=SAMPLERS,
+                        help="fast samplers, comma-separated (default ddim,dpm-solver++,heun)")
+    parser.add_argument("--timestep-spacing", choices=lesson04.TIMESTEP_SPACINGS, default=None,
+                        help="one spacing for every fast sampler (default: each sampler's own, lesson 04)")
     parser.add_argument("--results-tag", default="cpu")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -130,7 +134,8 @@ def main(argv=None):
         alpha_bars = lesson04.make_schedule(config["schedule"], device, config["timesteps"])["alpha_bars"]
         noises = torch.randn((args.samples, config["channels"], config["image_size"], config["image_size"]),
                              generator=torch.Generator().manual_seed(0))
-        options = argparse.Namespace(batch_size=SAMPLE_BATCH_SIZE, seed=0, timestep_spacing=None, clip_x0=None)
+        options = argparse.Namespace(batch_size=SAMPLE_BATCH_SIZE, seed=0, timestep_spacing=args.timestep_spacing,
+                                     clip_x0=None)
 
         def measure(sampler, calls, count):
             images, seconds = compare.draw(sampler, calls, 0.0 if sampler == "ddim" else "", model, config,
@@ -148,7 +153,7 @@ def main(argv=None):
 
         if args.ddpm_samples:
             measure("ddpm", config["timesteps"], min(args.ddpm_samples, args.samples))
-        for sampler in SAMPLERS:
+        for sampler in args.samplers:
             for calls in args.calls:
                 measure(sampler, calls, args.samples)
         with torch.inference_mode():
@@ -176,7 +181,7 @@ def write(rows, straight, trained, args, seconds):
     done = [target for target in args.targets if target in straight]
     for target in done:
         ddpm = [row for row in rows if row["target"] == target and row["sampler"] == "ddpm"]
-        for sampler in SAMPLERS:
+        for sampler in args.samplers:
             by_calls = {row["calls"]: row for row in rows if row["target"] == target and row["sampler"] == sampler}
             cells = [f"{by_calls[calls]['fd_minus_floor']:.2f}" if calls in by_calls else "" for calls in args.calls]
             name = lesson04.SAMPLER_NAMES[sampler] + (" = Euler" if sampler == "ddim" else "")
@@ -204,7 +209,10 @@ def write(rows, straight, trained, args, seconds):
     if done != list(args.targets):
         lines += ["", f"Measured so far: {', '.join(done)} of {', '.join(args.targets)}."]
     lines += ["", f"`python benchmarks/flow_matching.py --targets {','.join(args.targets)} --calls "
-                  f"{','.join(map(str, args.calls))} --samples {args.samples} --ddpm-samples {args.ddpm_samples}` "
+                  f"{','.join(map(str, args.calls))} --samples {args.samples} --ddpm-samples {args.ddpm_samples}"
+                  f" --samplers {','.join(args.samplers)}"
+                  + (f" --timestep-spacing {args.timestep_spacing}" if args.timestep_spacing else "")
+                  + f" --results-tag {args.results_tag}` "
                   f"on {machine}, torch {torch.__version__}, {seconds / 60:.1f} min; runs in {shown(args.runs)}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     draw_figure(rows, stem.with_suffix(".png"))
