@@ -31,7 +31,7 @@ from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog, check_finite,
     check_resume_length, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint, make_out_dir,
     non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
-    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
+    run, same_weights, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
 )
 
 LESSON = "05_latent_diffusion"
@@ -590,9 +590,7 @@ def check_autoencoder_length(args, saved, config, path):
 def check_same_autoencoder(start, autoencoder, path, autoencoder_path):
     """--resume of stage 2: LessonError (one line) when autoencoder.pt is no longer the autoencoder whose latents (and
     scale) the diffusion model at `path` learned, as after --stage autoencoder was run again."""
-    current = autoencoder.state_dict()
-    if start["autoencoder"].keys() != current.keys() or any(
-            not torch.equal(value, current[name].cpu()) for name, value in start["autoencoder"].items()):
+    if not same_weights(start["autoencoder"], autoencoder.state_dict()):
         raise LessonError(f"{path} learned the latents of another autoencoder than {autoencoder_path} (trained again "
                           f"since?): its scale and latents would not fit; train stage 2 afresh (leave --resume out) "
                           f"or use another --out")

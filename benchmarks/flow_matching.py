@@ -82,9 +82,9 @@ def draw_figure(rows, path):
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     colours = {"eps": "tab:blue", "v": "tab:orange", "flow": "tab:green"}
-    styles = {"ddim": "-", "dpm-solver++": "--", "heun": ":"}
+    styles = {"ddim": "-", "dpm-solver++": "--", "heun": ":", "euler": "-."}
     for target in dict.fromkeys(row["target"] for row in rows):
-        for sampler in SAMPLERS:
+        for sampler in dict.fromkeys(row["sampler"] for row in rows if row["sampler"] != "ddpm"):  # --samplers
             chosen = [row for row in rows if row["target"] == target and row["sampler"] == sampler]
             if chosen:
                 axis.plot([row["calls"] for row in chosen], [row["fd_minus_floor"] for row in chosen],

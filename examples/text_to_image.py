@@ -38,7 +38,7 @@ from utils import data, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
     CHECKPOINT_FORMAT, ArgumentParser, LessonError, StopRequest, TrainingLog, check_finite, checkpoint_due,
     load_checkpoint, make_out_dir, non_negative_float, pick_device, positive_float, positive_int, run,
-    save_checkpoint, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
+    same_weights, save_checkpoint, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir,
 )
 
 lesson05 = load_lesson("05_latent_diffusion.py")
@@ -511,8 +511,7 @@ def check_resumable(start, args, autoencoder, total_steps):
     path, saved = args.out / "checkpoint.pt", start["config"]
     if saved["width"] != args.width:
         raise LessonError(f"{path} was trained with --width {saved['width']}, this run has --width {args.width}")
-    current = autoencoder.state_dict()
-    if any(not torch.equal(value, current[name].cpu()) for name, value in start["autoencoder"].items()):
+    if not same_weights(start["autoencoder"], autoencoder.state_dict()):
         raise LessonError(f"{path} was trained on the latents of another autoencoder than the one in "
                           f"{args.autoencoder} (lesson 05 was trained again since?); train afresh with another --out")
     if start["step"] >= total_steps:

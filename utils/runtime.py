@@ -325,6 +325,14 @@ def refuse_different(args, config, dests, path):
                                   f"comes from the checkpoint; leave {flag(dest)} out")
 
 
+def same_weights(saved, current):
+    """True when two state dicts (name -> tensor; `current` may live on any device) hold the same names and
+    exactly the same values, as a resumed run needs of the network whose outputs it learned (lesson 05's
+    autoencoder, for its diffusion stage and the capstone)."""
+    return saved.keys() == current.keys() and all(torch.equal(value, current[name].cpu())
+                                                  for name, value in saved.items())
+
+
 def check_resume_length(start, total_steps, path):
     """With --resume: LessonError (one line) when the run's length (--max-steps or --epochs, in steps) is below
     the step the checkpoint at `path` has reached, which would train nothing and report a length it never ran."""
