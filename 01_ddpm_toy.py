@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, check_resume_length, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, StopRequest, TrainingLog,
+    check_finite, check_resume_length, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
     non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
     run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, writable_dir
 )
@@ -92,9 +92,7 @@ def parse_args(argv=None):
         parser.error("--resume and --sample-only cannot be used together")
     if args.width % 8:
         parser.error(f"--width must be a multiple of 8 (GroupNorm uses 8 groups), got {args.width}")
-    if args.timesteps is not None and BETA_END * 1000 / args.timesteps >= 1:
-        parser.error(f"--timesteps must be more than {round(BETA_END * 1000)}: the last beta, 0.02 x 1000 / T, "
-                     f"must stay below 1; got {args.timesteps}")
+    check_timesteps(parser, args.timesteps, linear=True, beta_end=BETA_END)  # lesson 01's schedule is linear
     return args
 
 
@@ -383,10 +381,7 @@ def main(argv=None):
     start = load_checkpoint(args.out / "checkpoint.pt", LESSON) if args.resume else None
     dataset = data.load_training_data(args, start and start["config"])
     images = dataset.images.to(device)
-    steps_per_epoch = len(images) // args.batch_size
-    if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
-        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}: pass a --batch-size "
-                          f"of at most {len(images)}")
+    steps_per_epoch = data.batches_per_epoch(len(images), args.batch_size)  # refuses a batch the data cannot fill
     config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[2],
               "width": args.width, "batch_size": args.batch_size, "lr": args.lr, "snr_gamma": args.snr_gamma,
               "seed": args.seed,

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, check_resume_length, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
+    check_finite, check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
     make_out_dir, mean_over_processes, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
     require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
     writable_dir
@@ -134,18 +134,10 @@ def parse_args(argv=None):
         parser.error("--checkpoint is read only with --sample-only; to go on training, --resume reads "
                      "OUT/checkpoint.pt")
     data.check_folder_arguments(parser, args)
-    if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
-        parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
-                     f"(--channel-mults): use a multiple of {2 ** (len(args.channel_mults) - 1)}")
-    if args.width % 2:
-        parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
-                     f"got {args.width}")
+    data.check_unet_arguments(parser, args)  # the same refusals in every copy of lesson 02's U-Net
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
-    if args.timesteps is not None and args.timesteps < 2 or args.schedule == "linear" and BETA_END * 1000 / (
-            args.timesteps or T) >= 1:
-        parser.error(f"--timesteps must be at least 2, and more than {round(BETA_END * 1000)} with the linear schedule "
-                     f"(its last beta, 0.02 x 1000 / T, must stay below 1); got {args.timesteps}")
+    check_timesteps(parser, args.timesteps, linear=args.schedule == "linear", beta_end=BETA_END)
     if args.weighting_scheme is not None and args.prediction != "flow":
         parser.error(f"--weighting-scheme chooses the times a flow model trains on; it needs --prediction flow, "
                      f"not {args.prediction}")
@@ -696,10 +688,7 @@ def train_and_sample(args, rank, world_size, device):
     images = dataset.images.to(device)
     size = images.shape[-1]
     data.check_unet_fits(dataset, args.channel_mults)  # the same refusal in every copy of the U-Net
-    steps_per_epoch = len(images) // (args.batch_size * world_size)
-    if steps_per_epoch == 0:
-        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size} x {world_size} processes: "
-                          f"pass a --batch-size of at most {len(images) // world_size}")
+    steps_per_epoch = data.batches_per_epoch(len(images), args.batch_size, world_size)  # refuses a batch too big
     config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "schedule": args.schedule, "prediction": args.prediction,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, check_resume_length, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
+    check_finite, check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
     make_out_dir, non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
     require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
     writable_dir
@@ -119,12 +119,7 @@ def parse_args(argv=None):
         parser.error("--checkpoint is read only with --sample-only; to go on training, --resume reads "
                      "OUT/checkpoint.pt")
     data.check_folder_arguments(parser, args)
-    if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
-        parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
-                     f"(--channel-mults): use a multiple of {2 ** (len(args.channel_mults) - 1)}")
-    if args.width % 2:
-        parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
-                     f"got {args.width}")
+    data.check_unet_arguments(parser, args)  # the same refusals in every copy of lesson 02's U-Net
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only cannot be used together")
     # The number of classes is known here for a built-in dataset; an image folder's or a checkpoint's is checked
@@ -144,8 +139,7 @@ def parse_args(argv=None):
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps cannot be negative")
-    if args.timesteps is not None and args.timesteps < 2:
-        parser.error(f"--timesteps must be at least 2, got {args.timesteps}")
+    check_timesteps(parser, args.timesteps)
     return args
 
 
@@ -463,10 +457,7 @@ def main(argv=None):
     dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)
     size = dataset.images.shape[-1]
     data.check_unet_fits(dataset, args.channel_mults)  # the same refusal in every copy of the U-Net
-    steps_per_epoch = len(dataset.images) // args.batch_size
-    if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
-        raise LessonError(f"{len(dataset.images)} images cannot fill one batch of {args.batch_size}: pass a "
-                          f"--batch-size of at most {len(dataset.images)}")
+    steps_per_epoch = data.batches_per_epoch(len(dataset.images), args.batch_size)  # refuses a batch too big
     config = {**data.data_config(dataset), "channels": dataset.images.shape[1], "image_size": size, "width": args.width,
               "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
               "dropout": args.dropout, "num_classes": len(dataset.classes), "p_uncond": args.p_uncond,

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, check_resume_length, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
+    check_finite, check_resume_length, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
     non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
     run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
 )
@@ -150,22 +150,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.given = given_flags(parser, argv)  # the flags the user wrote: those a run would ignore are refused
     data.check_folder_arguments(parser, args)
-    if args.image_size is not None and args.image_size % 2 ** (len(args.channel_mults) - 1):
-        parser.error(f"--image-size {args.image_size} cannot be halved {len(args.channel_mults) - 1} times by the U-Net "
-                     f"(--channel-mults): use a multiple of {2 ** (len(args.channel_mults) - 1)}")
-    if args.width % 2:
-        parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
-                     f"got {args.width}")
+    data.check_unet_arguments(parser, args)  # the same refusals in every copy of lesson 02's U-Net
     if args.eta > 0 and args.sampler != "ddim":
         parser.error(f"--eta is DDIM's noise; {SAMPLER_NAMES[args.sampler]} is deterministic and has none: drop --eta "
                      f"or use --sampler ddim")
     if args.eta > 1:
         parser.error(f"--eta must be at most 1, got {args.eta:g}: above 1 DDIM's sigma (Eq. 16) exceeds "
                      f"sqrt(1 - alpha_bar_prev), and Eq. 12's direction term would need the root of a negative number")
-    if args.timesteps is not None and args.timesteps < 2 or args.schedule == "linear" and BETA_END * 1000 / (
-            args.timesteps or T) >= 1:
-        parser.error(f"--timesteps must be at least 2, and more than {round(BETA_END * 1000)} with the linear schedule "
-                     f"(its last beta, 0.02 x 1000 / T, must stay below 1); got {args.timesteps}")
+    check_timesteps(parser, args.timesteps, linear=args.schedule == "linear", beta_end=BETA_END)
     if args.steps is not None and args.steps > (args.timesteps or T) and not (
             args.sample_only or args.resume or args.checkpoint):  # a checkpoint's own T is checked once it is read
         parser.error(f"--steps must be at most T = {args.timesteps or T}, the number of training timesteps, "
@@ -586,10 +578,7 @@ def main(argv=None):
         dataset = data.load_training_data(args, start and start["config"])
         images = dataset.images.to(device)
         data.check_unet_fits(dataset, args.channel_mults)  # the same refusal as lessons 02 and 03
-        steps_per_epoch = len(images) // args.batch_size
-        if steps_per_epoch == 0:  # a smaller batch than asked for would be a silently changed --batch-size
-            raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}: pass a --batch-size "
-                              f"of at most {len(images)}")
+        steps_per_epoch = data.batches_per_epoch(len(images), args.batch_size)  # refuses a batch too big
         config = {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],
                   "width": args.width, "channel_mults": list(args.channel_mults), "num_res_blocks": 1,
                   "schedule": args.schedule, "prediction": args.prediction, "steps_per_epoch": steps_per_epoch,

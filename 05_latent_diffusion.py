@@ -29,7 +29,7 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog, check_finite,
-    check_resume_length, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint, make_out_dir,
+    check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint, make_out_dir,
     non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
     run, same_weights, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
 )
@@ -129,8 +129,7 @@ def parse_args(argv=None):
     if args.eta > 1:
         parser.error(f"--eta must be at most 1, got {args.eta:g}: above 1 DDIM's sigma (Eq. 16) exceeds "
                      f"sqrt(1 - alpha_bar_prev), and Eq. 12's direction term would need the root of a negative number")
-    if args.timesteps is not None and args.timesteps < 2:
-        parser.error(f"--timesteps must be at least 2, got {args.timesteps}")
+    check_timesteps(parser, args.timesteps)
     if args.steps is not None and args.steps > (args.timesteps or T) and not (args.sample_only or args.resume):
         parser.error(f"--steps must be at most T = {args.timesteps or T}, the number of training timesteps, "
                      f"got {args.steps}")
@@ -530,10 +529,7 @@ AUTOENCODER_KEYS = ("dataset", "image_folder", "classes", "channels", "image_siz
 
 def make_config(args, dataset):
     images = dataset.images
-    steps_per_epoch = len(images) // args.batch_size
-    if steps_per_epoch == 0:
-        raise LessonError(f"{len(images)} images cannot fill one batch of {args.batch_size}: pass a --batch-size of at "
-                          f"most {len(images)}")
+    steps_per_epoch = data.batches_per_epoch(len(images), args.batch_size)  # refuses a batch the data cannot fill
     if images.shape[-1] % 4:
         raise LessonError(f"{dataset.name} images are {images.shape[-1]} pixels wide; f = 4 needs a multiple of 4")
     return {**data.data_config(dataset), "channels": images.shape[1], "image_size": images.shape[-1],

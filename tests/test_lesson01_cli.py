@@ -100,7 +100,7 @@ def test_ctrl_c_saves_and_resume_finishes_exactly_like_an_uninterrupted_run(tiny
     (["--epochs", "2", "--max-steps", "5"], "not allowed with argument"),
     (["--resume", "--sample-only"], "cannot be used together"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
-    (["--timesteps", "20"], "--timesteps must be more than 20"),
+    (["--timesteps", "20"], "more than 20 with the linear schedule"),
     (["--timesteps", "0"], "--timesteps: must be at least 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(lesson01, capsys, flags, expected):

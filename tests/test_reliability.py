@@ -392,6 +392,34 @@ def test_every_copy_of_the_unet_refuses_the_same_levels_in_one_line_before_train
     assert not (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("key", ["01", "02", "03", "04", "05"])
+def test_every_lesson_answers_the_shared_checks_with_the_same_line(key, tiny_data_dir, tmp_path, capsys):
+    """Issue 38, kind 1: what depends on the network or the data is checked in one place that every lesson calls:
+    T (utils.runtime.check_timesteps: at least 2, and more than 20 on the linear schedule), a batch the data cannot
+    fill (utils.data.batches_per_epoch), and, for the three copies of lesson 02's U-Net, --image-size against the
+    levels and an odd --width (utils.data.check_unet_arguments). Each is refused with the same line everywhere."""
+    module = lesson_module(key)
+    assert_refused(module.parse_args, ["--timesteps", "1"], "--timesteps must be at least 2, and more than 20 with the "
+                   "linear schedule (its last beta, 0.02 x 1000 / T, must stay below 1); got 1", capsys)
+    if key in ("01", "02", "04"):  # the lessons with DDPM's linear schedule (lesson 01 has only it)
+        linear = [] if key == "01" else ["--schedule", "linear"]
+        assert_refused(module.parse_args, [*linear, "--timesteps", "20"], "more than 20 with the linear schedule",
+                       capsys)
+        assert module.parse_args([*linear, "--timesteps", "21"]).timesteps == 21
+    if key in ("02", "03", "04"):
+        folder = ["--dataset", str(tmp_path), "--image-size", "30"]
+        assert_refused(module.parse_args, [*folder, "--channel-mults", "1,2,2"], "--image-size 30 cannot be halved 2 "
+                       "times by the U-Net (--channel-mults): use a multiple of 4", capsys)
+        assert_refused(module.parse_args, ["--width", "7"], "--width must be even (the time embedding pairs a sine and "
+                       "a cosine per frequency), got 7", capsys)
+    out = tmp_path / "out"
+    code, lines = run_main(module, ["--data-dir", tiny_data_dir, "--out", out, "--device", "cpu", "--max-steps", "1",
+                                    "--timesteps", "25", *LESSONS[key][1], "--batch-size", "100000"], capsys)
+    assert code == 1 and lines == ["error: 256 images cannot fill one batch of 100000: pass a --batch-size of at most "
+                                   "256"], lines
+    assert not out.exists()
+
+
 def test_lesson05_stage_flags_act_or_are_refused_in_one_line(tiny_data_dir, tmp_path, capsys):
     """Issue 38, kind 2, for lesson 05's two stages: --stage autoencoder refuses the diffusion and sampling flags;
     --autoencoder-epochs lengthens a --resume'd autoencoder that no diffusion model depends on, and is refused in
@@ -429,3 +457,88 @@ def test_lesson05_stage_flags_act_or_are_refused_in_one_line(tiny_data_dir, tmp_
             "learned the latents of another autoencoder than")
     code, lines = run_main(module, ["--stage", "diffusion", "--max-steps", 2, *common], capsys)
     assert code == 0, lines
+
+
+def damaged_copies(folder, good):
+    """Three damaged versions of the file `good` (bytes) under `folder`: cut short, overwritten with noise, and
+    a file of another kind (a PNG picture): {kind: path}."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {kind: folder / f"{kind}{suffix}" for kind, suffix in
+             (("truncated", ".bin"), ("noise", ".bin"), ("another-kind", ".bin"))}
+    paths["truncated"].write_bytes(good[:len(good) * 2 // 3 - 1])  # (mid-row, for a text file)
+    paths["noise"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    Image.new("L", (8, 8), 128).save(paths["another-kind"], format="PNG")
+    return paths
+
+
+def test_every_file_the_project_reads_damaged_gives_one_line_or_is_rebuilt(tmp_path, capsys, monkeypatch):
+    """Issue 38, kind 4, for the files beyond checkpoints and --data-dir (tests/test_runtime.py and
+    test_a_corrupt_data_dir_... cover those): a samples.npz read by utils.metrics or utils.visualize, a metrics.csv
+    read by utils.visualize, a checkpoint given to compare_methods, edit_images or text_to_image, a picture given to
+    edit_images: truncated, noise or a file of another kind, each is refused in one line (exit 1) that names the
+    file. The caches, which the project wrote itself, are rebuilt instead: the classifier of utils.metrics and an
+    image folder's decoded pictures."""
+    import numpy as np
+
+    from conftest import run_in_process
+    from utils import data, metrics, visualize
+
+    npz = tmp_path / "good.npz"
+    np.savez(npz, images=np.zeros((8, 4, 4, 1), np.uint8))
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("step,loss,lr,images_per_s\n" + "".join(f"{50 * k},0.{k}5,1.000e-03,100.5\n" for k in (1, 2, 3)))
+    checkpoint = tmp_path / "good.pt"
+    torch.save({"format": 1, "lesson": "02_ddpm", "config": {}}, checkpoint)
+    compare = load_lesson("examples/compare_methods.py")
+    edit = load_lesson("examples/edit_images.py")
+    text_to_image = load_lesson("examples/text_to_image.py")
+    readers = {  # (main, prog, argv before the file, argv after it, a good file of the kind)
+        "utils.metrics samples": (metrics.main, "metrics.py", [], ["--dataset", "mnist"], npz),
+        "utils.visualize samples": (visualize.main, "visualize.py", ["samples", "--out", tmp_path / "fig"], [], npz),
+        "utils.visualize loss": (visualize.main, "visualize.py", ["loss", "--out", tmp_path / "fig"], [], csv),
+        "compare_methods": (compare.main, "compare_methods.py", ["--no-metrics", "--out", tmp_path / "c",
+                                                                 "--device", "cpu", "--checkpoint"], [], checkpoint),
+        "edit_images checkpoint": (edit.main, "edit_images.py", ["sdedit", "--out", tmp_path / "e", "--device", "cpu",
+                                                                 "--checkpoint"], [], checkpoint),
+        "text_to_image": (text_to_image.main, "text_to_image.py", ["--sample-only", "--out", tmp_path / "t",
+                                                                   "--device", "cpu", "--checkpoint"], [], checkpoint),
+    }
+    for name, (main, prog, before, after, good) in readers.items():
+        for kind, path in damaged_copies(tmp_path / name.replace(" ", "_"), good.read_bytes()).items():
+            done = run_in_process(main, prog, *before, path, *after, capsys=capsys)
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 1 and len(lines) == 1 and str(path) in lines[0], (name, kind, done.stderr)
+    assert not any((tmp_path / folder).exists() for folder in ("fig", "c", "e", "t"))  # refused: nothing written
+    for kind, path in damaged_copies(tmp_path / "pictures", npz.read_bytes()).items():
+        if kind != "another-kind":  # (a PNG is a picture)
+            with pytest.raises(data.LessonError, match="cannot be read as an image"):
+                data.read_image(path, 8, 1)
+
+    # The classifier cache: damaged, it is trained again (here a stand-in trainer) with a one-line note.
+    cache = tmp_path / "cache"
+    stand_in = metrics.Classifier(1, 28)
+    monkeypatch.setattr(metrics, "train_classifier", lambda *args: (stand_in, 0.5, 1.0))
+    metrics.load_classifier("mnist", tmp_path, cache)
+    good = (cache / "classifier-mnist.pt").read_bytes()
+    for kind, path in damaged_copies(tmp_path / "classifier", good).items():
+        (cache / "classifier-mnist.pt").write_bytes(path.read_bytes())
+        capsys.readouterr()
+        model, accuracy = metrics.load_classifier("mnist", tmp_path, cache)
+        notes = capsys.readouterr().err.strip().splitlines()
+        assert accuracy == 0.5 and notes[0].startswith("note: the cached classifier cannot be used"), (kind, notes)
+        assert load_checkpoint(cache / "classifier-mnist.pt", metrics.CLASSIFIER)["test_accuracy"] == 0.5
+
+    # An image folder's cache of decoded pictures: damaged, it is decoded again.
+    from test_image_folder import write_folder
+
+    pictures = write_folder(tmp_path / "folder")
+    first = data.load_image_folder(pictures, 16, 1, tmp_path / "data")
+    (saved,) = (tmp_path / "data").rglob("*.pt")
+    for kind, path in damaged_copies(tmp_path / "folder_cache", saved.read_bytes()).items():
+        saved.write_bytes(path.read_bytes())
+        again = data.load_image_folder(pictures, 16, 1, tmp_path / "data")
+        assert torch.equal(again.images, first.images), kind
+        assert torch.equal(data.load_image_folder(pictures, 16, 1, tmp_path / "data").images, first.images)

@@ -455,6 +455,31 @@ def load_checkpoint_data(config, args):
     return load_with_fallback(config["dataset"], args.data_dir, explicit=True, download=False)
 
 
+def check_unet_arguments(parser, args):
+    """The parse-time half of check_unet_fits, for lessons 02-04, which build lesson 02's U-Net: --image-size must
+    halve len(args.channel_mults) - 1 times, and --width must be even (the time embedding pairs a sine and a cosine
+    per frequency). parser.error (exit 2, one line) otherwise; one check for every copy of the network."""
+    halvings = len(args.channel_mults) - 1
+    if args.image_size is not None and args.image_size % 2 ** halvings:
+        parser.error(f"--image-size {args.image_size} cannot be halved {halvings} times by the U-Net "
+                     f"(--channel-mults): use a multiple of {2 ** halvings}")
+    if args.width % 2:
+        parser.error(f"--width must be even (the time embedding pairs a sine and a cosine per frequency), "
+                     f"got {args.width}")
+
+
+def batches_per_epoch(count, batch_size, processes=1):
+    """Full batches of `batch_size` images per process in an epoch of `count` images shared by `processes`
+    processes (the last, partial batch is dropped). Raises LessonError (one line) when not even one batch fills:
+    training smaller batches than --batch-size asks for would silently change it."""
+    steps = count // (batch_size * processes)
+    if steps == 0:
+        across = f" x {processes} processes" if processes > 1 else ""
+        raise LessonError(f"{count} images cannot fill one batch of {batch_size}{across}: pass a --batch-size of "
+                          f"at most {count // processes}")
+    return steps
+
+
 def check_unet_fits(dataset, channel_mults):
     """The U-Net of lessons 02-04 halves the picture once per level below the first (len(channel_mults) - 1 times)
     and adds each skip back at its own size, so the side of dataset.images [N, C, H, W] must divide by 2 that

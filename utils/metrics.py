@@ -20,6 +20,7 @@ import functools
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -130,16 +131,22 @@ def require_built_in(dataset):
 
 
 def load_classifier(dataset, data_dir="data", cache_dir=CACHE_DIR, device="cpu"):
-    """The cached classifier of `dataset`, trained and cached first when absent: (model, test accuracy)."""
+    """The cached classifier of `dataset`, trained and cached first when absent: (model, test accuracy). A cache
+    that cannot be read (truncated, damaged, of another kind) is trained again with a one-line note, never
+    trusted. Raises LessonError (one line) for a dataset it cannot score."""
     require_built_in(dataset)
     device = torch.device(device)
     path = Path(cache_dir) / f"classifier-{dataset}.pt"
     info = data.DATASETS[dataset]
     if path.is_file():
-        state = load_checkpoint(path, CLASSIFIER)
-        model = Classifier(info.channels, info.size)
-        model.load_state_dict(state["model"])
-        return model.to(device).eval(), state["test_accuracy"]
+        try:
+            state = load_checkpoint(path, CLASSIFIER)
+            model = Classifier(info.channels, info.size)
+            model.load_state_dict(state["model"])
+            return model.to(device).eval(), float(state["test_accuracy"])
+        except (LessonError, KeyError, RuntimeError, TypeError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"note: the cached classifier cannot be used ({reason}); training it again", file=sys.stderr)
     model, accuracy, seconds = train_classifier(dataset, data_dir, device)
     print(f"trained the {dataset} classifier in {seconds:.0f} s: test accuracy {accuracy:.4f}; cached in {path}",
           file=sys.stderr)
@@ -255,7 +262,7 @@ def main(argv=None):
         with np.load(args.samples) as arrays:
             images = arrays["images"][:args.limit]
             labels = arrays["labels"][:args.limit] if "labels" in arrays else None
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # (a cut .npz: BadZipFile)
         raise LessonError(f"{args.samples} is not a samples file with key 'images': {error}") from None
     result = evaluate(images, args.dataset, labels, args.data_dir, args.cache_dir, pick_device(args.device))
     print(json.dumps({"file": str(args.samples), **result}))

@@ -341,6 +341,17 @@ def check_resume_length(start, total_steps, path):
                           f"give --max-steps or --epochs beyond it, or sample it with --sample-only")
 
 
+def check_timesteps(parser, timesteps, linear=False, beta_end=0.02):
+    """--timesteps T (None: not given) must be at least 2; with DDPM's linear schedule, whose betas run to beta_end
+    x 1000 / T (DDPM Section 4 scaled to T steps), also more than beta_end x 1000, so that the last beta stays below
+    1. parser.error (exit 2, one line) otherwise; the one rule of every lesson."""
+    if timesteps is None:
+        return
+    if timesteps < 2 or linear and beta_end * 1000 / timesteps >= 1:
+        parser.error(f"--timesteps must be at least 2, and more than {round(beta_end * 1000)} with the linear schedule "
+                     f"(its last beta, {beta_end:g} x 1000 / T, must stay below 1); got {timesteps}")
+
+
 def saved_timesteps(config, chosen, path, default=1000):
     """The number of diffusion steps T to use with a checkpoint: the one in its config (`default` for checkpoints
     saved before --timesteps existed). A network trained for one T does not fit another: raises LessonError

@@ -14,6 +14,7 @@ Each writes a PNG (reverse also a GIF) under --out (default outputs/figures) and
 import argparse
 import csv
 import math
+import zipfile
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -212,14 +213,20 @@ def save_curves(lines, path, xlabel, ylabel, log_x=False, log_y=False, marker=No
 
 
 def read_loss(metrics_csv):
-    """(steps, losses) from a lesson's metrics.csv; a clear error for a file that is not one."""
+    """(steps, losses) from a lesson's metrics.csv. Raises LessonError (one line, naming the file) when it is
+    missing, is not one (no step and loss columns, not text), or has a row cut short."""
     try:
         with open(metrics_csv, newline="") as file:
-            rows = list(csv.DictReader(file))
+            reader = csv.DictReader(file)
+            rows = list(reader)
+        for number, row in enumerate(rows, start=2):
+            if None in row.values() or None in row:  # fewer (or more) fields than the header names
+                raise LessonError(f"{metrics_csv} line {number} does not have the header's {len(reader.fieldnames)} "
+                                  f"fields: the file is cut short or damaged")
         return [int(row["step"]) for row in rows], [float(row["loss"]) for row in rows]
     except FileNotFoundError:
         raise LessonError(f"no metrics file at {metrics_csv}") from None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
         raise LessonError(f"{metrics_csv} is not a lesson's metrics.csv (columns step, loss, ...)") from None
 
 
@@ -329,7 +336,7 @@ def save_sample_rows(files, labels, path, count=8, stride=1):
         try:
             with np.load(file) as arrays:
                 images = arrays["images"]
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # (a cut .npz: BadZipFile)
             raise LessonError(f"{file} is not a lesson's samples.npz ({error})") from None
         if images.ndim != 4 or len(images[::stride]) < count:
             raise LessonError(f"{file} holds {len(images)} images of shape {images.shape[1:]}; need {count} of "
