@@ -52,7 +52,8 @@ BETA_START, BETA_END = 1e-4, 0.02  # DDPM's linear schedule (lesson 02)
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999  # Improved DDPM's cosine schedule (lesson 02)
 ATTENTION_LEVEL = 1  # as in lesson 02: the network must match lesson 02's checkpoints
 EMA_WARMUP = 10
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # diffusers' names, DDIM's, DPM-Solver's
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr", "flow_time")  # diffusers' names,
+# DDIM's, DPM-Solver's, and SD3's equal steps in flow time
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)", "euler": "Euler", "heun": "Heun"}  # --sampler -> name
 # Each sampler's timestep spacing: DDIM's and DPM-Solver++'s best, measured (docs/lesson04.md "Lessons learned");
 # Euler is DDIM's eta = 0 step and takes its spacing. Heun's last step is uncorrected Euler, so its grid must end at
@@ -60,6 +61,10 @@ SAMPLER_NAMES = {"ddim": "DDIM", "dpm-solver++": "DPM-Solver++(2M)", "euler": "E
 # denoiser of tests/test_flow_matching.py, Heun in 19 calls ends 0.0020 from the exact ODE solution on linspace
 # and 0.063 on trailing, whose last, uncorrected step starts at t = T/steps - 1.
 DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr", "euler": "trailing", "heun": "linspace"}
+# A flow model is sampled as SD3 samples it, in equal steps of its own time s, by every sampler (docs/lesson02.md
+# "eps, v or flow?": at 10 calls on lesson 02's flow checkpoint, FD - floor 23.74 for DPM-Solver++, 24.85 for Heun and
+# 39.06 for DDIM = Euler, against 33.05, 142.54 and 40.54 on the spacings above).
+FLOW_SPACING = {"ddim": "flow_time", "dpm-solver++": "flow_time", "euler": "flow_time", "heun": "flow_time"}
 FLOW_TIME_SCALE = 1000  # as lesson 02: a flow model is told its time s in [0, 1] as s x 1000
 PREDICTIONS = ("eps", "v", "flow")  # lesson 02's training targets
 DEFAULT_STEPS = 50  # network calls of the sampler
@@ -109,8 +114,10 @@ def parse_args(argv=None):
     parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
                         help="which timesteps the steps visit, named as in diffusers: trailing starts at T - 1 "
                              "(Lin et al. 2024); leading is the DDIM paper's floor(c i); quadratic its Appendix D.2; "
-                             "logsnr equal steps in log-SNR (DPM-Solver). Default: trailing for ddim, logsnr for "
-                             "dpm-solver++ (measured: docs/lesson04.md 'Lessons learned')")
+                             "logsnr equal steps in log-SNR (DPM-Solver); flow_time equal steps in a flow model's "
+                             "time s (SD3). Default: trailing for ddim and euler, logsnr for dpm-solver++, linspace "
+                             "for heun; flow_time for every sampler on a flow checkpoint (measured: "
+                             "docs/lesson04.md 'Lessons learned', docs/lesson02.md 'eps, v or flow?')")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                         help="clip the predicted x0 to [-1, 1] in each step. Default: on for eps-prediction "
                              "checkpoints (x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) blows up near "
@@ -210,9 +217,12 @@ def timestep_sequence(steps, spacing="trailing", alpha_bars=None):
     and two more:
       quadratic floor(c i^2) (DDIM Appendix D.2), dense at small t; here c makes the last step T-1;
       logsnr    equal steps in lambda = log_snr(alpha_bar) from t = T-1 towards t = 0 (DPM-Solver's "logSNR"
-                time steps, Lu et al. 2022, arXiv:2206.00927; diffusers' use_lu_lambdas); needs `alpha_bars` [T].
+                time steps, Lu et al. 2022, arXiv:2206.00927; diffusers' use_lu_lambdas); needs `alpha_bars` [T];
+      flow_time equal steps in the flow time s = flow_time(alpha_bar) of the straight path, s = 1, 1 - 1/S, ...,
+                1/S, each at the nearest t (SD3's sigmas, Esser et al. 2024, arXiv:2403.03206, with shift 1);
+                needs `alpha_bars` [T].
     T is the schedule's length, len(alpha_bars), or the module's T without one.
-    Raises ValueError for an unknown spacing, or logsnr without alpha_bars."""
+    Raises ValueError for an unknown spacing, or logsnr or flow_time without alpha_bars."""
     timesteps = T if alpha_bars is None else len(alpha_bars)
     if spacing == "trailing":
         return [round(timesteps - k * timesteps / steps) - 1 for k in range(steps)][::-1]
@@ -231,6 +241,12 @@ def timestep_sequence(steps, spacing="trailing", alpha_bars=None):
         # k = 0 is t = T-1; the clean image (beyond t = 0) is where the last step lands.
         targets = torch.tensor([lowest + (highest - lowest) * k / steps for k in range(steps)], dtype=torch.float64)
         taus = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()[::-1]  # nearest t to each
+    elif spacing == "flow_time":
+        if alpha_bars is None:
+            raise ValueError("the flow_time timestep spacing needs the schedule's alpha_bars")
+        times = torch.tensor([flow_time(a) for a in alpha_bars.tolist()], dtype=torch.float64)  # rises with t
+        targets = torch.tensor([1 - k / steps for k in range(steps)], dtype=torch.float64)  # 1 is t = T-1
+        taus = (times[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()[::-1]
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {', '.join(TIMESTEP_SPACINGS)}")
     for i in range(1, steps):  # where neighbours round to the same t, keep the steps distinct ...
@@ -386,9 +402,10 @@ def network_calls(sampler, steps):
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
-def spacing_for(sampler, chosen=None):
-    """The timestep spacing a sampler uses: the one chosen, else its default (DEFAULT_SPACING)."""
-    return chosen or DEFAULT_SPACING[sampler]
+def spacing_for(sampler, chosen=None, prediction="eps"):
+    """The timestep spacing a sampler uses: the one chosen, else its default for the model's prediction target
+    (FLOW_SPACING for a flow model, where it has one; DEFAULT_SPACING otherwise)."""
+    return chosen or (prediction == "flow" and FLOW_SPACING.get(sampler)) or DEFAULT_SPACING[sampler]
 
 
 def clip_for(prediction, chosen=None):
@@ -409,7 +426,7 @@ def sample(model, alpha_bars, x_T, steps, sampler="ddim", eta=0.0, spacing=None,
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
     if eta and sampler != "ddim":
         raise ValueError(f"eta is DDIM's noise; {SAMPLER_NAMES[sampler]} is deterministic, got eta = {eta}")
-    spacing, clip_x0 = spacing_for(sampler, spacing), clip_for(prediction, clip_x0)
+    spacing, clip_x0 = spacing_for(sampler, spacing, prediction), clip_for(prediction, clip_x0)
     alpha_bars_list = alpha_bars.tolist()  # Python floats: no tensor ops around the network in the loop
     steps = solver_steps(sampler, steps)
     x_t, kept, previous = x_T, [], None
@@ -462,11 +479,12 @@ def ddim_invert(model, alpha_bars, x0, steps, spacing="trailing", prediction="ep
 
 def sampler_for(model, alpha_bars, config, args):
     """sample() with this run's network, schedule, prediction target and clipping fixed; the timestep spacing
-    is --timestep-spacing or the default of the sampler asked for."""
+    is --timestep-spacing or the default of the sampler asked for (spacing_for: a flow model's own, if any)."""
     prediction = config.get("prediction", "eps")
 
     def draw(x_T, steps, sampler=args.sampler, **options):
-        return sample(model, alpha_bars, x_T, steps, sampler, spacing=spacing_for(sampler, args.timestep_spacing),
+        return sample(model, alpha_bars, x_T, steps, sampler, spacing=spacing_for(sampler, args.timestep_spacing,
+                                                                                  prediction),
                       prediction=prediction, clip_x0=clip_for(prediction, args.clip_x0), **options)
     return draw
 
@@ -485,7 +503,8 @@ def write_samples(model, alpha_bars, config, args, device, images):
     print(f"sampled {args.num_samples} images in {time.perf_counter() - started:.1f} s "
           f"({SAMPLER_NAMES[args.sampler]}, {solver_steps(args.sampler, args.steps)} steps = "
           f"{network_calls(args.sampler, solver_steps(args.sampler, args.steps))} network calls{eta}, "
-          f"{config.get('prediction', 'eps')}-prediction, {spacing_for(args.sampler, args.timestep_spacing)} "
+          f"{config.get('prediction', 'eps')}-prediction, "
+          f"{spacing_for(args.sampler, args.timestep_spacing, config.get('prediction', 'eps'))} "
           f"spacing, x0 {'' if clip_for(config.get('prediction', 'eps'), args.clip_x0) else 'not '}clipped)")
     paths = [visualize.save_samples_grid(samples, args.out / "samples.png"),
              visualize.save_samples_npz(samples, args.out / "samples.npz"),

@@ -84,7 +84,8 @@ def parse_args(argv=None):
                              "(the DDIM paper's Table 1 uses 0, 0.2, 0.5, 1)")
     parser.add_argument("--timestep-spacing", choices=lesson04.TIMESTEP_SPACINGS, default=None,
                         help="timesteps of the fast samplers (diffusers' names; lesson 04); default: each sampler's "
-                             "own (trailing for ddim, logsnr for dpm-solver++)")
+                             "own (trailing for ddim, logsnr for dpm-solver++; flow_time for all on a flow "
+                             "checkpoint)")
     parser.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                         help="clip the fast samplers' predicted x0 to [-1, 1]; default as lesson 04: on for eps-, off "
                              "for v-prediction (DDPM-1000 always clips, as lesson 02 does)")
@@ -176,7 +177,8 @@ def main(argv=None):
     rows, columns = [], []
     for sampler, steps, eta, count in method_list(args, config["timesteps"]):
         images, seconds = draw(sampler, steps, eta, model, config, noises[:count], args, device)
-        spacing = "" if sampler == "ddpm" else lesson04.spacing_for(sampler, args.timestep_spacing)
+        spacing = "" if sampler == "ddpm" else lesson04.spacing_for(sampler, args.timestep_spacing,
+                                                                    config.get("prediction", "eps"))
         row = {"method": lesson04.SAMPLER_NAMES.get(sampler, "DDPM"), "steps": steps, "eta": eta, "spacing": spacing,
                "samples": count,
                "seconds": round(seconds, 2), "seconds_per_image": round(seconds / count, 4)}

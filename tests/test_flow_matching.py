@@ -333,3 +333,21 @@ def test_flow_benchmark_trains_each_target_once_and_scores_every_sampler_and_cal
     assert (runs / "flow" / "checkpoint.pt").stat().st_mtime_ns == before
     assert table.count("| v |") == 4 and "no: checkpoint reused" in \
         (tmp_path / "results" / "flow_matching_test.md").read_text()
+    # --samplers, --timestep-spacing and --no-straightness act: only the samplers named, each on the spacing named
+    # (not its own), no straightness and no DDPM-1000
+    spaced = [*argv[:argv.index("--results-tag")], "--results-tag", "spaced", "--samplers", "euler,heun",
+              "--timestep-spacing", "trailing", "--no-straightness"]
+    spaced[spaced.index("--ddpm-samples") + 1] = "0"
+    samplers_module, used = benchmark.compare.lesson04, []
+    original_pairs = samplers_module.timestep_pairs
+    monkeypatch.setattr(samplers_module, "timestep_pairs", lambda steps, spacing="trailing", alpha_bars=None: (
+        used.append(spacing), original_pairs(steps, spacing, alpha_bars))[1])
+    benchmark.main(spaced)
+    assert used and set(used) == {"trailing"}  # every fast sampler's steps (not straightness': not measured)
+    with open(tmp_path / "results" / "flow_matching_spaced.csv", newline="") as file:
+        again = list(csv.DictReader(file))
+    assert [(r["target"], r["sampler"], r["calls"]) for r in again] == [
+        (target, sampler, calls) for target in ("v", "flow") for sampler in ("euler", "heun") for calls in ("1", "10")]
+    table = (tmp_path / "results" / "flow_matching_spaced.md").read_text()
+    assert table.count("not measured") == 2 and "--timestep-spacing trailing --no-straightness" in table
+    assert "| flow | Euler |" in table and "DDIM" not in table

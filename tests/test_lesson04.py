@@ -19,7 +19,7 @@ def lesson02():
     return load_lesson("02_ddpm.py")
 
 
-@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "quadratic", "logsnr"])
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "quadratic", "logsnr", "flow_time"])
 @pytest.mark.parametrize("steps", [1, 3, 10, 50, 333, 1000])
 def test_timestep_sequences_are_valid(lesson04, spacing, steps):
     alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
@@ -29,7 +29,7 @@ def test_timestep_sequences_are_valid(lesson04, spacing, steps):
     assert taus[-1] <= 999
     if steps == 1000:
         assert taus == list(range(1000))
-    if spacing in ("trailing", "quadratic", "logsnr"):
+    if spacing in ("trailing", "quadratic", "logsnr", "flow_time"):
         assert taus[-1] == 999  # the first step starts from pure noise
     pairs = lesson04.timestep_pairs(steps, spacing, alpha_bars)
     assert pairs[0][0] == taus[-1] and pairs[-1] == (taus[0], -1)  # from the top down to the clean image
@@ -66,6 +66,51 @@ def test_logsnr_spacing_takes_equal_steps_in_log_snr(lesson04, schedule):
         lesson04.timestep_sequence(10, "logsnr")
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         lesson04.timestep_sequence(10, "uniform", alpha_bars)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_flow_time_spacing_takes_equal_steps_in_flow_time(lesson04, schedule):
+    """flow_time: the t nearest to each of s = 1, 1 - 1/S, ..., 1/S, where s = sigma / (alpha + sigma) is the time of
+    the straight path with x_t's signal-to-noise ratio (SD3's sigmas at shift 1), computed here in numpy."""
+    alpha_bars = lesson04.make_schedule(schedule, "cpu")["alpha_bars"]
+    alpha, sigma = np.sqrt(alpha_bars.double().numpy()), np.sqrt(1 - alpha_bars.double().numpy())
+    times = sigma / (alpha + sigma)
+    checked = 0
+    for steps in (3, 5, 8, 10):
+        targets = 1 - np.arange(steps) / steps
+        expected = sorted(np.abs(times[None, :] - targets[:, None]).argmin(axis=1).tolist())
+        if len(set(expected)) == steps:
+            assert lesson04.timestep_sequence(steps, "flow_time", alpha_bars) == expected, (schedule, steps)
+            visited = times[expected][::-1]  # the flow times walked, from 1 down: steps of 1/S
+            assert np.abs(np.diff(visited) + 1 / steps).max() < 0.02, (schedule, steps, visited)
+            checked += 1
+    assert checked >= 3
+    with pytest.raises(ValueError, match="alpha_bars"):
+        lesson04.timestep_sequence(10, "flow_time")
+
+
+def test_a_flow_model_is_sampled_in_equal_steps_of_flow_time_by_default(lesson04):
+    """spacing_for: on a flow checkpoint every sampler defaults to flow_time (measured best at 10 calls); eps and
+    v keep DEFAULT_SPACING; a chosen spacing wins. sample() follows it."""
+    assert set(lesson04.FLOW_SPACING.values()) == {"flow_time"} and set(lesson04.FLOW_SPACING) == set(
+        lesson04.SAMPLER_NAMES)
+    for sampler in lesson04.SAMPLER_NAMES:
+        assert lesson04.spacing_for(sampler, None, "flow") == lesson04.FLOW_SPACING.get(
+            sampler, lesson04.DEFAULT_SPACING[sampler])
+        for prediction in ("eps", "v"):
+            assert lesson04.spacing_for(sampler, None, prediction) == lesson04.DEFAULT_SPACING[sampler]
+        assert lesson04.spacing_for(sampler, "leading", "flow") == "leading"
+    alpha_bars = lesson04.make_schedule("cosine", "cpu")["alpha_bars"]
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def flow_model(x, t):  # any smooth velocity: the spacing decides where it is asked
+        return torch.tanh(x) * (1 + t[:, None, None, None] / 1000)
+
+    for sampler in lesson04.SAMPLER_NAMES:
+        default, _ = lesson04.sample(flow_model, alpha_bars, x_T, 10, sampler, prediction="flow")
+        chosen, _ = lesson04.sample(flow_model, alpha_bars, x_T, 10, sampler, spacing="flow_time", prediction="flow")
+        other, _ = lesson04.sample(flow_model, alpha_bars, x_T, 10, sampler, spacing="trailing", prediction="flow")
+        assert torch.equal(default, chosen) and not torch.equal(default, other), sampler
 
 
 def test_each_sampler_has_its_measured_default_spacing_and_clipping(lesson04):
