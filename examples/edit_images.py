@@ -45,6 +45,7 @@ from utils.runtime import (  # noqa: E402
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)  # SDEdit's sweep: faithful to the input at 0.2, a new image at 1.0
 TRANSLATE_WEIGHTS = (0.0, 2.0, 4.0)  # rows of translate.png: the guidance weight w of lesson 03
 STROKES = 4  # random strokes in the "strokes" mask
+DEFAULT_STEPS = 50  # DDIM steps over the whole schedule, as lesson 04's default
 SHOWN = 4  # results per setting in each figure (different noises)
 MEASURE_BATCH = 100  # images per batch for --measure (docs/edit_images.md "Edit real images with a trained model": its tables)
 
@@ -245,8 +246,9 @@ def parse_args(argv=None):
         source = command.add_mutually_exclusive_group()
         source.add_argument("--input", default=None, help="an image file, resized to the model's size and channels")
         source.add_argument("--test-index", type=int, default=0, help="else this image of the checkpoint's dataset")
-        command.add_argument("--steps", type=positive_int, default=50,
-                             help="DDIM steps over the whole schedule (an edit from t0 takes about strength x these)")
+        command.add_argument("--steps", type=positive_int, default=None,
+                             help=f"DDIM steps over the whole schedule (an edit from t0 takes about strength x these); "
+                                  f"at most the checkpoint's T; default {DEFAULT_STEPS}, or T if smaller")
         command.add_argument("--eta", type=non_negative_float, default=0.0 if name == "sdedit" else 1.0,
                              help="DDIM's eta in [0, 1] (lesson 04); RePaint samples with DDPM's noise, eta = 1, and "
                                   "lesson 03's eps-prediction checkpoints draw cleaner images with it")
@@ -420,6 +422,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     make_denoiser, alpha_bars, config = load_denoiser(args.checkpoint, device)
+    if args.steps is not None and args.steps > len(alpha_bars):  # the sampler would take only T of them
+        raise LessonError(f"--steps {args.steps} is more than the {len(alpha_bars)} timesteps {args.checkpoint} was "
+                          f"trained with: give at most {len(alpha_bars)}")
+    args.steps = args.steps or min(DEFAULT_STEPS, len(alpha_bars))
     make_out_dir(args.out)
     writer = {"sdedit": write_sdedit, "inpaint": write_inpaint, "translate": write_translate}[args.edit]
     for path in writer(make_denoiser, alpha_bars, config, args, device):

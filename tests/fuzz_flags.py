@@ -205,8 +205,10 @@ def resolved(module, parsed, checkpoint_config):
         parsed["timestep_spacing"] = tuple(lesson04.spacing_for(sampler, parsed["timestep_spacing"], prediction)
                                            for sampler in samplers if sampler in lesson04.DEFAULT_SPACING)
     if parsed.get("steps", 0) is None and hasattr(module, "DEFAULT_STEPS"):  # lessons 04 and 05: min(default, T)
-        timesteps = (checkpoint_config or {}).get("timesteps") or parsed.get("timesteps") or module.T
+        timesteps = (checkpoint_config or {}).get("timesteps") or parsed.get("timesteps") or getattr(module, "T", 1000)
         parsed["steps"] = min(module.DEFAULT_STEPS, timesteps)
+    if parsed.get("channels", 0) is None and parsed.get("image_folder"):
+        parsed["channels"] = 3  # both folders written here hold colour pictures: a folder's own channels are 3
     if "clip_x0" in parsed and hasattr(lesson04, "clip_for"):
         prediction = (checkpoint_config or {}).get("prediction") or parsed.get("prediction", "eps")
         parsed["clip_x0"] = lesson04.clip_for(prediction, parsed["clip_x0"])
@@ -228,10 +230,15 @@ def acts(module, argv, flag, checkpoint_config):
     if chosen is None or default is None or chosen == default:
         return False
     dest = flag.lstrip("-").replace("-", "_")
+    if dest not in chosen and dest.startswith("no_"):  # --no-X of a BooleanOptionalAction sets X
+        dest = dest[3:]
+    steps = chosen.get("steps")
+    if dest == "clip_x0" and steps is not None and set(steps if isinstance(steps, tuple) else (steps,)) == {1}:
+        return False  # one step lands on x0_pred itself, which the sample's final clamp clips either way
     if checkpoint_config is not None and dest in CHECKED:  # accepted, so the same as the checkpoint's
         return False
     saved = (checkpoint_config or {}).get(dest)
-    return saved is None or str(saved).replace(" ", "") not in (str(chosen[dest]).replace(" ", ""),
+    return dest not in chosen or saved is None or str(saved).replace(" ", "") not in (str(chosen[dest]).replace(" ", ""),
                                                                 str(list(chosen[dest])) if isinstance(
                                                                     chosen[dest], tuple) else "")
 

@@ -148,6 +148,7 @@ def test_command_line_edits_a_checkpoint_and_refuses_bad_input(tiny_data_dir, tm
             (["sdedit", *common, "--strength", "0"], "every strength must lie in (0, 1]", 2),
             (["sdedit", *common, "--strength", "1.5"], "every strength must lie in (0, 1]", 2),
             (["sdedit", *common, "--test-index", "9999"], "--test-index must be below 256", 1),
+            (["sdedit", *common, "--steps", "40"], "--steps 40 is more than the 25 timesteps", 1),  # not cut to T
             (["translate", *common, "--class-label", "1"], "translate needs a lesson 03 checkpoint", 1),
             (["sdedit", "--checkpoint", tmp_path / "l05.pt", "--out", out], "not yet on latents", 1)):
         result = run_in_process(edit.main, "edit_images.py", *argv, capsys=capsys)
