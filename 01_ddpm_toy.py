@@ -28,11 +28,10 @@ from tqdm import tqdm
 
 from utils import data, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, StopRequest, TrainingLog,
-    check_finite, check_resume_length, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, StopRequest, TrainingLog, check_finite,
+    check_resume_length, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
     non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
-    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, writable_dir
-)
+    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, writable_dir)
 
 LESSON = "01_ddpm_toy"
 T = 1000  # number of diffusion steps, as in the paper (the default of --timesteps)

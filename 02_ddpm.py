@@ -41,11 +41,10 @@ from tqdm import tqdm
 from utils import data, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
-    make_out_dir, mean_over_processes, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
-    require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
-    writable_dir
-)
+    check_finite, check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches,
+    load_checkpoint, make_out_dir, mean_over_processes, pick_device, positive_float, positive_int, refuse_different,
+    refuse_unused, require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
+    warmup_learning_rate, writable_dir)
 
 LESSON = "02_ddpm"
 T = 1000  # number of diffusion steps, as in both papers (the default of --timesteps)

@@ -41,10 +41,10 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, check_resume_length, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint, make_out_dir,
-    non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
-    run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
-)
+    check_finite, check_resume_length, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint,
+    make_out_dir, non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
+    require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
+    writable_dir)
 
 LESSON = "04_ddim_fast_sampling"
 T = 1000  # training timesteps, as in lesson 02 (a checkpoint's own T, its --timesteps, takes precedence)

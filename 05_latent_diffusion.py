@@ -29,10 +29,10 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog, check_finite,
-    check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint, make_out_dir,
-    non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused, require_same,
-    run, same_weights, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate, writable_dir
-)
+    check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
+    make_out_dir, non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
+    require_same, run, same_weights, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
+    warmup_learning_rate, writable_dir)
 
 LESSON = "05_latent_diffusion"
 AUTOENCODER_LESSON = "05_latent_diffusion/autoencoder"  # the `lesson` name inside autoencoder.pt
