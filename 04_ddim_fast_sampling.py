@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from utils import data, interpolation, visualize
 from utils.runtime import (
-    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog,
-    check_finite, check_resume_length, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint,
+    CHECKPOINT_FORMAT, SAMPLE_BATCH_SIZE, ArgumentParser, EpochOrder, StopRequest, TrainingLog, check_finite,
+    check_resume_length, check_steps, check_timesteps, checkpoint_due, given_flags, in_batches, load_checkpoint,
     make_out_dir, non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
     require_same, run, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early, warmup_learning_rate,
     writable_dir)
@@ -64,7 +64,7 @@ DEFAULT_SPACING = {"ddim": "trailing", "dpm-solver++": "logsnr", "euler": "trail
 # A flow model is sampled as SD3 samples it, in equal steps of its own time s, by every sampler (docs/lesson02.md
 # "eps, v or flow?": at 10 calls on lesson 02's flow checkpoint, FD - floor 23.74 for DPM-Solver++, 24.85 for Heun and
 # 39.06 for DDIM = Euler, against 33.05, 142.54 and 40.54 on the spacings above).
-FLOW_SPACING = {"ddim": "flow_time", "dpm-solver++": "flow_time", "euler": "flow_time", "heun": "flow_time"}
+FLOW_SPACING = "flow_time"
 FLOW_TIME_SCALE = 1000  # as lesson 02: a flow model is told its time s in [0, 1] as s x 1000
 PREDICTIONS = ("eps", "v", "flow")  # lesson 02's training targets
 DEFAULT_STEPS = 50  # network calls of the sampler
@@ -404,8 +404,8 @@ def network_calls(sampler, steps):
 
 def spacing_for(sampler, chosen=None, prediction="eps"):
     """The timestep spacing a sampler uses: the one chosen, else its default for the model's prediction target
-    (FLOW_SPACING for a flow model, where it has one; DEFAULT_SPACING otherwise)."""
-    return chosen or (prediction == "flow" and FLOW_SPACING.get(sampler)) or DEFAULT_SPACING[sampler]
+    (FLOW_SPACING for a flow model, DEFAULT_SPACING[sampler] for eps and v)."""
+    return chosen or (FLOW_SPACING if prediction == "flow" else DEFAULT_SPACING[sampler])
 
 
 def clip_for(prediction, chosen=None):
@@ -584,9 +584,7 @@ def main(argv=None):
     if path is not None:
         model, config = load_model(path, device)
         config["timesteps"] = saved_timesteps(config, args.timesteps, path)
-        if args.steps is not None and args.steps > config["timesteps"]:
-            raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
-                              f"trained with")
+        check_steps(args.steps, config["timesteps"], path)
         data.check_sample_settings(config, args, path)
         refuse_unused(args, ("epochs", "max_steps", "batch_size", "lr"), "when a checkpoint is sampled: it trains "
                       "nothing")
@@ -611,9 +609,7 @@ def main(argv=None):
                           "prediction"),
                          args.out / "checkpoint.pt")
             check_resume_length(start, config["total_steps"], args.out / "checkpoint.pt")
-        if args.steps is not None and args.steps > config["timesteps"]:
-            raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps "
-                              f"{args.out / 'checkpoint.pt'} was trained with")
+        check_steps(args.steps, config["timesteps"], args.out / "checkpoint.pt")
         model = UNet(config["channels"], args.width, args.channel_mults, 1).to(device)
         ema = EMA(model, EMA_DECAY)
         alpha_bars = make_schedule(args.schedule, device, config["timesteps"])["alpha_bars"]

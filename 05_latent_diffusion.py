@@ -29,10 +29,10 @@ from tqdm import tqdm
 from utils import data, interpolation, visualize
 from utils.runtime import (
     CHECKPOINT_FORMAT, ArgumentParser, EpochOrder, LessonError, StopRequest, TrainingLog, check_finite,
-    check_resume_length, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches, load_checkpoint,
-    make_out_dir, non_negative_float, pick_device, positive_float, positive_int, refuse_different, refuse_unused,
-    require_same, run, same_weights, save_checkpoint, saved_timesteps, set_learning_rate, stopped_early,
-    warmup_learning_rate, writable_dir)
+    check_resume_length, check_steps, check_timesteps, checkpoint_due, ema_decay_note, given_flags, in_batches,
+    load_checkpoint, make_out_dir, non_negative_float, pick_device, positive_float, positive_int, refuse_different,
+    refuse_unused, require_same, run, same_weights, save_checkpoint, saved_timesteps, set_learning_rate,
+    stopped_early, warmup_learning_rate, writable_dir)
 
 LESSON = "05_latent_diffusion"
 AUTOENCODER_LESSON = "05_latent_diffusion/autoencoder"  # the `lesson` name inside autoencoder.pt
@@ -604,9 +604,7 @@ def diffusion_start(args, autoencoder, config):
                      path)
         check_same_autoencoder(start, autoencoder, path, args.out / "autoencoder.pt")
         check_resume_length(start, config["diffusion_steps"], path)
-    if args.steps is not None and args.steps > config["timesteps"]:
-        raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was trained "
-                          f"with")
+    check_steps(args.steps, config["timesteps"], path)
     return start
 
 
@@ -652,9 +650,7 @@ def main(argv=None):
         refuse_unused(args, ("stage", "autoencoder_epochs", "epochs", "max_steps", "batch_size", "lr", "autoencoder_lr",
                              "ema_decay"), "with --sample-only: it trains nothing")
         refuse_different(args, config, ("latent_channels", "autoencoder_width", "width", "kl_weight"), path)
-        if args.steps is not None and args.steps > config["timesteps"]:
-            raise LessonError(f"--steps {args.steps} is more than the {config['timesteps']} timesteps {path} was "
-                              f"trained with")
+        check_steps(args.steps, config["timesteps"], path)
         args.steps = args.steps or min(DEFAULT_STEPS, config["timesteps"])
         paths = write_samples(model, autoencoder, scale, config, args, device)
         if args.interpolate:

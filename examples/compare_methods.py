@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one f
 from examples.lessons import load_lesson  # noqa: E402
 from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
-    SAMPLE_BATCH_SIZE, ArgumentParser, LessonError, make_out_dir, pick_device, positive_int, run, saved_timesteps,
-    writable_dir,
+    SAMPLE_BATCH_SIZE, ArgumentParser, LessonError, check_steps, make_out_dir, pick_device, positive_int, run,
+    saved_timesteps, writable_dir,
 )
 
 FIGURE_ROWS = 8
@@ -161,9 +161,7 @@ def main(argv=None):
     device = pick_device(args.device)
     model, config = lesson04.load_model(args.checkpoint, device)
     config["timesteps"] = saved_timesteps(config, None, args.checkpoint)
-    if max(args.steps) > config["timesteps"]:
-        raise LessonError(f"--steps {max(args.steps)} is more than the {config['timesteps']} timesteps "
-                          f"{args.checkpoint} was trained with")
+    check_steps(max(args.steps), config["timesteps"], args.checkpoint)
     make_out_dir(args.out)
     if not args.no_metrics:
         if config["dataset"] not in data.DATASETS:

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: lessons and utils live one f
 from examples.lessons import load_lesson  # noqa: E402
 from utils import data, metrics, visualize  # noqa: E402
 from utils.runtime import (  # noqa: E402
-    ArgumentParser, LessonError, in_batches, load_checkpoint, make_out_dir, non_negative_float, pick_device,
-    positive_int, run, saved_timesteps, writable_dir,
+    ArgumentParser, LessonError, check_steps, in_batches, load_checkpoint, make_out_dir, non_negative_float,
+    pick_device, positive_int, run, saved_timesteps, writable_dir,
 )
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)  # SDEdit's sweep: faithful to the input at 0.2, a new image at 1.0
@@ -422,9 +422,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     make_denoiser, alpha_bars, config = load_denoiser(args.checkpoint, device)
-    if args.steps is not None and args.steps > len(alpha_bars):  # the sampler would take only T of them
-        raise LessonError(f"--steps {args.steps} is more than the {len(alpha_bars)} timesteps {args.checkpoint} was "
-                          f"trained with: give at most {len(alpha_bars)}")
+    check_steps(args.steps, len(alpha_bars), args.checkpoint)  # the sampler would take only T of them
     args.steps = args.steps or min(DEFAULT_STEPS, len(alpha_bars))
     make_out_dir(args.out)
     writer = {"sdedit": write_sdedit, "inpaint": write_inpaint, "translate": write_translate}[args.edit]

@@ -92,11 +92,16 @@ SHARED["--width"] += [value for value in ("7", "32") if value not in SHARED["--w
 SHARED["--timesteps"] += ["1", "20"]
 SHARED_SHARE = 0.25  # how often a shared flag draws from the union (else its own list, to reach training often)
 # Flags whose value may leave every output the same although they act: their reason.
-NO_VISIBLE_EFFECT = {
-    "--sample-batch-size": "the samples are the same whatever the batching (utils.runtime.in_batches)",
-    "--ema-decay": "the EMA warm-up keeps the decay below every drawn value for the first steps",
-    "--batch-size": "compare_methods' batching does not change its samples",
+NO_VISIBLE_EFFECT = {  # flag: (the entry point it concerns, None for all; why)
+    "--sample-batch-size": (None, "the samples are the same whatever the batching (utils.runtime.in_batches)"),
+    "--ema-decay": (None, "the EMA warm-up keeps the decay below every drawn value for the first steps"),
+    "--batch-size": ("compare", "compare_methods' batching does not change its samples (a lesson's trains)"),
 }
+
+
+def visible(flag, module_key):
+    """Whether leaving `flag` out of a run of `module_key` should change what it writes (NO_VISIBLE_EFFECT)."""
+    return flag not in NO_VISIBLE_EFFECT or NO_VISIBLE_EFFECT[flag][0] not in (None, module_key)
 
 
 def draw(lesson, rng, max_timesteps=None):
@@ -190,7 +195,7 @@ def without(argv, flag):
 
 # What a checkpoint fixes: given when a checkpoint is read, these are checks (another value is refused), not choices.
 CHECKED = {"dataset", "image_size", "channels", "width", "channel_mults", "timesteps", "schedule", "prediction",
-           "num_res_blocks", "latent_channels", "autoencoder_width"}
+           "weighting_scheme", "num_res_blocks", "dropout", "latent_channels", "autoencoder_width", "kl_weight"}
 
 
 def resolved(module, parsed, checkpoint_config):
@@ -216,9 +221,9 @@ def resolved(module, parsed, checkpoint_config):
 
 
 def acts(module, argv, flag, checkpoint_config):
-    """Whether leaving `flag` out of argv changes what the run is asked to do: its parsed arguments differ, and,
-    when sampling a checkpoint, the value is not simply the checkpoint's own (a matching --width is accepted, as
-    a check, not as a choice)."""
+    """Whether leaving `flag` out of argv changes what the run is asked to do: its parsed arguments differ (with
+    the defaults a run settles later settled), and, when a checkpoint is read, it is not one of the flags CHECKED
+    against the checkpoint (an accepted --width is the checkpoint's own: a check, not a choice)."""
     def parsed(arguments):
         with contextlib.redirect_stderr(io.StringIO()):
             try:
@@ -235,12 +240,7 @@ def acts(module, argv, flag, checkpoint_config):
     steps = chosen.get("steps")
     if dest == "clip_x0" and steps is not None and set(steps if isinstance(steps, tuple) else (steps,)) == {1}:
         return False  # one step lands on x0_pred itself, which the sample's final clamp clips either way
-    if checkpoint_config is not None and dest in CHECKED:  # accepted, so the same as the checkpoint's
-        return False
-    saved = (checkpoint_config or {}).get(dest)
-    return dest not in chosen or saved is None or str(saved).replace(" ", "") not in (str(chosen[dest]).replace(" ", ""),
-                                                                str(list(chosen[dest])) if isinstance(
-                                                                    chosen[dest], tuple) else "")
+    return checkpoint_config is None or dest not in CHECKED  # with a checkpoint: accepted, so the same as its own
 
 
 def parse_args(argv=None):
@@ -298,7 +298,7 @@ def fuzz(args):
                         problems.append(f"the refused run changed {out.name}: {before} -> {snapshot(out)}")
                 made = written(out, before) if code == 0 else None
                 if code == 0 and args.ablations:
-                    candidates = [flag for flag in drawn if flag.startswith("--") and flag not in NO_VISIBLE_EFFECT
+                    candidates = [flag for flag in drawn if flag.startswith("--") and visible(flag, module_key)
                                   and acts(modules[module_key], run_argv, flag, checkpoint_config)]
                     for flag in rng.sample(candidates, min(args.ablations, len(candidates))):
                         twin = folder / f"ablation{counts['ablations']}"

@@ -20,7 +20,6 @@ import functools
 import json
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -139,14 +138,16 @@ def load_classifier(dataset, data_dir="data", cache_dir=CACHE_DIR, device="cpu")
     path = Path(cache_dir) / f"classifier-{dataset}.pt"
     info = data.DATASETS[dataset]
     if path.is_file():
-        try:
+        try:  # (only the reading: a device error below is not the cache's fault)
             state = load_checkpoint(path, CLASSIFIER)
             model = Classifier(info.channels, info.size)
             model.load_state_dict(state["model"])
-            return model.to(device).eval(), float(state["test_accuracy"])
+            accuracy = float(state["test_accuracy"])
         except (LessonError, KeyError, RuntimeError, TypeError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"note: the cached classifier cannot be used ({reason}); training it again", file=sys.stderr)
+        else:
+            return model.to(device).eval(), accuracy
     model, accuracy, seconds = train_classifier(dataset, data_dir, device)
     print(f"trained the {dataset} classifier in {seconds:.0f} s: test accuracy {accuracy:.4f}; cached in {path}",
           file=sys.stderr)
@@ -258,12 +259,9 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.samples.is_file():
         raise LessonError(f"no file at {args.samples}")
-    try:
-        with np.load(args.samples) as arrays:
-            images = arrays["images"][:args.limit]
-            labels = arrays["labels"][:args.limit] if "labels" in arrays else None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # (a cut .npz: BadZipFile)
-        raise LessonError(f"{args.samples} is not a samples file with key 'images': {error}") from None
+    from utils.visualize import read_samples_npz  # (matplotlib only for the command line)
+
+    images, labels = read_samples_npz(args.samples, args.limit)
     result = evaluate(images, args.dataset, labels, args.data_dir, args.cache_dir, pick_device(args.device))
     print(json.dumps({"file": str(args.samples), **result}))
 

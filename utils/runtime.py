@@ -352,6 +352,13 @@ def check_timesteps(parser, timesteps, linear=False, beta_end=0.02):
                      f"(its last beta, {beta_end:g} x 1000 / T, must stay below 1); got {timesteps}")
 
 
+def check_steps(steps, timesteps, path):
+    """Sampling a checkpoint at `path` trained with T = `timesteps`: LessonError (one line) when the sampler's
+    --steps (None: not given) is more than T, since it can visit only T timesteps and would silently take fewer."""
+    if steps is not None and steps > timesteps:
+        raise LessonError(f"--steps {steps} is more than the {timesteps} timesteps {path} was trained with")
+
+
 def saved_timesteps(config, chosen, path, default=1000):
     """The number of diffusion steps T to use with a checkpoint: the one in its config (`default` for checkpoints
     saved before --timesteps existed). A network trained for one T does not fit another: raises LessonError

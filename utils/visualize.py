@@ -94,6 +94,19 @@ def save_samples_npz(images, path, labels=None, captions=None):
     return Path(path)
 
 
+def read_samples_npz(path, limit=None):
+    """What save_samples_npz wrote: (images uint8 [N, H, W, C], labels int64 [N] or None), the first `limit` of
+    each when given. Raises LessonError (one line, naming the file) for one that is not a lesson's samples.npz:
+    cut short (not a whole zip), noise, another kind of file, or without the key `images`."""
+    try:
+        with np.load(path) as arrays:
+            images = arrays["images"][:limit]
+            labels = arrays["labels"][:limit] if "labels" in arrays else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # (a cut .npz: BadZipFile)
+        raise LessonError(f"{path} is not a lesson's samples.npz ({error})") from None
+    return images, labels
+
+
 def save_captioned_rows(rows, captions, path, scale=DISPLAY_SCALE):
     """rows [R, N, C, H, W] in [-1, 1]: one row of N pictures per caption, the caption printed above its row."""
     count, per_row = rows.shape[:2]
@@ -333,11 +346,7 @@ def save_sample_rows(files, labels, path, count=8, stride=1):
     file that is not a lesson's samples.npz or holds fewer than `count` images."""
     rows = []
     for file in files:
-        try:
-            with np.load(file) as arrays:
-                images = arrays["images"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # (a cut .npz: BadZipFile)
-            raise LessonError(f"{file} is not a lesson's samples.npz ({error})") from None
+        images, _ = read_samples_npz(file)
         if images.ndim != 4 or len(images[::stride]) < count:
             raise LessonError(f"{file} holds {len(images)} images of shape {images.shape[1:]}; need {count} of "
                               f"H x W x C every {stride}")
