@@ -286,15 +286,35 @@ def learning_path(rate, device):
               "   predictions missed lessons 02 and 03 by up to 21% either way. Treat them as rough.)")
 
 
-def parse_args(argv=None):
+def positive_seconds(text):
+    """argparse type of --seconds: a finite number above 0 (0 or less would time nothing but the 3 steps the probe
+    always takes, and say nothing). Raises argparse.ArgumentTypeError otherwise."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return seconds
+
+
+def parse_args(argv=None):
+    """The command line. A bad value is refused in one line, exit 2, as every lesson refuses one (utils.runtime's
+    ArgumentParser, which this file cannot import before it has checked that torch is installed)."""
+    import argparse
+
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message):
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
+            sys.exit(2)
+
+    parser = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--data-dir", default="data", help="where the lessons look for datasets first")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="where the lessons write")
-    parser.add_argument("--seconds", type=float, default=TIMED_SECONDS, help="how long to time the toy model")
+    parser.add_argument("--seconds", type=positive_seconds, default=TIMED_SECONDS, help="how long to time the toy model")
     parser.add_argument("--offline", action="store_true", help="do not probe the network")
     return parser.parse_args(argv)
 

@@ -87,3 +87,16 @@ def test_predictions_scale_with_the_measured_speed(guide, capsys):
     assert guide.predicted_minutes([(10, 100), (40, 100)], 100) == pytest.approx(20)
     assert guide.predicted_minutes([(10, 100), (80, 50)], 100) == pytest.approx(20)
     assert guide.predicted_minutes([(10, 100), (80, 50)], 200) == pytest.approx(10)
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timing_of_no_time_is_refused_in_one_line(guide, tmp_path, capsys, seconds):
+    """--seconds 0 or less used to time the probe's three steps and say nothing (issue 38: no value silently
+    changed); now argparse refuses it in one line, exit 2, and the check does not run."""
+    with pytest.raises(SystemExit) as exit_info:
+        guide.main(["--offline", "--out", str(tmp_path / "o"), "--seconds", seconds])
+    err = capsys.readouterr()
+    lines = err.err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"must be a number of seconds above 0, got {seconds}" in lines[0], lines
+    assert err.out == "" and not (tmp_path / "o").exists()

@@ -551,8 +551,58 @@ def test_a_slice_of_the_flag_fuzz_finds_no_traceback_trace_or_ignored_flag(capsy
     The extended fuzz (`python tests/fuzz_flags.py --runs 200`) is run by hand."""
     import fuzz_flags
 
-    counts, failures = fuzz_flags.fuzz(fuzz_flags.parse_args(["--runs", "5", "--seed", "0", "--max-timesteps", "25",
+    counts, failures, _ = fuzz_flags.fuzz(fuzz_flags.parse_args(["--runs", "5", "--seed", "0", "--max-timesteps", "25",
                                                               "--quiet"]))
     assert failures == [], "\n".join(failures)
     # the slice reaches both sides: runs that act (and flags left out of them) and runs that are refused
     assert counts["refused"] > 0 and counts["runs"] > counts["refused"] and counts["ablations"] > 0, counts
+
+
+def _parsers(module, argv):
+    """The argparse parser that module.parse_args(argv) builds, and its subcommands' parsers by name."""
+    import argparse
+    from unittest import mock
+
+    built = []
+    original = argparse.ArgumentParser.parse_args
+
+    def keep(parser, *args, **kwargs):
+        built.append(parser)
+        return original(parser, *args, **kwargs)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", keep), pytest.raises(SystemExit):
+        module.parse_args(argv)  # argv ends in --help: only the parser is wanted
+    parser = built[0]
+    subcommands = {name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                   for name, sub in action.choices.items()}
+    return parser, subcommands
+
+
+def _flags(parser):
+    return {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+
+
+def test_the_flag_fuzz_draws_every_flag_of_every_entry_point_or_says_why_not():
+    """Issue 38: every flag of the five lessons, compare_methods, edit_images (each edit), text_to_image, each figure
+    of utils.visualize, utils.metrics and GETTING_STARTED is drawn by tests/fuzz_flags.py with values to try, or
+    named in its NOT_DRAWN with the reason (the fuzz sets it itself); and nothing is drawn that the entry point does
+    not have. A flag added to an entry point fails here until the fuzz draws it."""
+    import fuzz_flags
+    from utils import metrics, visualize
+
+    entries = {lesson: (load_lesson(lesson), ["--help"]) for lesson in fuzz_flags.FLAGS}
+    entries.update({"compare": (load_lesson("examples/compare_methods.py"), ["--help"]),
+                    "text": (load_lesson("examples/text_to_image.py"), ["--help"]),
+                    "metrics": (metrics, ["--help"]), "getting_started": (load_lesson("GETTING_STARTED.py"), ["--help"])})
+    checked = []
+    for entry, (module, argv) in entries.items():
+        checked.append((entry, _flags(_parsers(module, argv)[0])))
+    for edit, parser in _parsers(load_lesson("examples/edit_images.py"), ["--help"])[1].items():
+        checked.append((edit, _flags(parser)))
+    for figure, parser in _parsers(visualize, ["--help"])[1].items():
+        checked.append((f"figure:{figure}", _flags(parser)))
+    assert {entry for entry, _ in checked} >= {*fuzz_flags.EDITS, *(f"figure:{name}" for name in fuzz_flags.FIGURES)}
+    for entry, flags in checked:
+        drawn = set(fuzz_flags.flags_of(entry))
+        assert flags - drawn - set(fuzz_flags.NOT_DRAWN) == set(), f"{entry}: flags neither drawn nor in NOT_DRAWN"
+        assert drawn - flags == set(), f"{entry}: the fuzz draws flags it does not have"
