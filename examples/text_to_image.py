@@ -86,7 +86,7 @@ def parse_args(argv=None):
                         help=f"a prompt to draw; give it more than once (default: {len(DEFAULT_PROMPTS)} prompts)")
     parser.add_argument("--guidance-scale", type=non_negative_float, default=GUIDANCE_SCALE,
                         help="diffusers' guidance_scale s: eps = eps(empty) + s (eps(prompt) - eps(empty)); "
-                             "1 is no guidance, 0 the empty prompt alone")
+                             "at least 1, which is no guidance (as lesson 03's --guidance-scale)")
     parser.add_argument("--steps", type=positive_int, default=lesson05.DEFAULT_STEPS, help="DDIM steps")
     parser.add_argument("--eta", type=non_negative_float, default=1.0, help="DDIM's eta, in [0, 1] (lesson 05's)")
     parser.add_argument("--num-samples", type=positive_int, default=8, help="pictures per prompt")
@@ -99,6 +99,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.eta > 1:
         parser.error(f"--eta must be at most 1, got {args.eta:g}")
+    if args.guidance_scale < 1.0:  # diffusers turns guidance off below 1 (the prompt alone); here the formula would
+        # move towards the empty prompt instead: the same name must not mean something else (lesson 03 refuses too)
+        parser.error(f"--guidance-scale is diffusers' guidance_scale and must be at least 1 (1: no guidance), "
+                     f"got {args.guidance_scale:g}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.resume and args.sample_only:

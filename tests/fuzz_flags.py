@@ -101,7 +101,8 @@ EDIT_FLAGS = {"--steps": ["1", "5", "25", "40"], "--eta": ["0", "0.5", "1", "1.5
               "--resample": ["1", "2"], "--guidance-weight": ["0", "2"], "--class-label": ["0", "1", "12"],
               "--measure": ["2", "100000"], "--mask-image": ["MASK", "PICTURE", "BROKEN"]}
 # examples/text_to_image.py, trained and sampled on the autoencoder of each lesson 05 run on fashion-mnist.
-TEXT_FLAGS = {"--epochs": ["1", "0"], "--batch-size": ["1", "8", "600"], "--lr": ["1e-3", "1e30", "-1"],
+# (--epochs only as 0, refused: one pass is 60000 canvases whatever the data, minutes even here)
+TEXT_FLAGS = {"--epochs": ["0"], "--batch-size": ["1", "8", "600"], "--lr": ["1e-3", "1e30", "-1"],
               "--width": ["7", "8", "16"], "--ema-decay": ["0", "0.9", "1"],
               "--prompt": ["a shirt on the left", "a bag on the left and a boot on the right", "", "a hat on the left"],
               "--guidance-scale": ["0", "1", "4"], "--steps": ["1", "3", "30"], "--eta": ["0", "1", "1.5"],
@@ -131,7 +132,19 @@ SHARED["--timesteps"] += ["1", "20"]
 # Flags that apply only beside a value of another flag (anywhere else they are refused in one line).
 DEPENDS = {"--image-size": ("--dataset", ("FOLDER", "FLAT")), "--channels": ("--dataset", ("FOLDER", "FLAT")),
            "--weighting-scheme": ("--prediction", ("flow",))}
-UNION_SHARE = 0.5  # how often one shared flag of a run draws from the union (else each its own list)
+# Values drawn to be refused (or to meet a limit): a run draws at most one of them, or one shared flag from the
+# union of every entry point's values; EDGE_SHARE of the runs do, the others draw only values that may all act.
+BAD = {"--epochs": {"0"}, "--lr": {"1e30", "-1"}, "--ema-decay": {"1"}, "--checkpoint-every": {"0"},
+       "--weight-decay": {"-1"}, "--batch-size": {"300", "600"}, "--width": {"2", "7"}, "--num-samples": {"0", "11"},
+       "--steps": {"25", "30", "40", "1,30"}, "--eta": {"1.5", "0,1"}, "--prompt": {"a hat on the left"},
+       "--precision": {"bf16", "fp16"}, "--autoencoder-epochs": {"0"}, "--autoencoder-lr": {"0"},
+       "--test-index": {"100000", "-1"}, "--strength": {"0", "1.5"}, "--seconds": {"0", "-1"},
+       "--limit": {"0", "100000"}, "--reference": {"100000"}, "--stride": {"1000"}, "--measure": {"100000"},
+       "--class-label": {"12"}, "--mask-image": {"PICTURE", "BROKEN"}, "--input": {"BROKEN"}, "--timesteps": {"2"},
+       "--image-size": {"30"}, "--channel-mults": {"1,2,2,2"}, "--dataset": {"cifar10"}, "--count": {"40"},
+       "--device": {"cuda", "mps"}, "--data-dir": {"NOWHERE", "PICTURE"}, "--out": {"PICTURE"},
+       "--guidance-scale": {"0"}}
+EDGE_SHARE = 0.5
 FLAGS_PER_RUN = 5  # flags drawn per run on average: with more, nearly every run draws some value that is refused
 # Flags whose value may leave every output the same although they act: their reason. (A flag that a run names in a
 # "note:" line, as the lessons do for an --ema-decay that a short run never reaches, is not silently ignored.)
@@ -144,7 +157,7 @@ NO_VISIBLE_EFFECT = {  # flag: (the entry point it concerns, None for all; why)
 # The flags each entry point has that are not drawn, and why (test_reliability checks that every other flag is drawn).
 NOT_DRAWN = {"--help": "prints the help", "--out": "set by the fuzz: a fresh folder per run",
              "--data-dir": "set by the fuzz: the tiny data it writes", "--device": "set by the fuzz: cpu",
-             "--max-steps": "set by the fuzz (3 or 4), unless --epochs is drawn: they exclude each other",
+             "--max-steps": "set by the fuzz (3 or 4), unless --epochs or --autoencoder-epochs is drawn (exclusive)",
              "--resume": "a run of its own after each training run", "--sample-only": "a run of its own",
              "--checkpoint": "set by the fuzz: the checkpoint of the run before",
              "--autoencoder": "set by the fuzz: the autoencoder of a lesson 05 run",
@@ -173,18 +186,23 @@ def flags_of(entry):
 
 
 def draw(entry, rng, max_timesteps=None):
-    """A random subset of the entry point's flags (FLAGS_PER_RUN on average), each with a random value of its
-    list; for a lesson, now and then (UNION_SHARE) one shared flag draws from the union of all the lessons' lists
-    instead (--timesteps at most max_timesteps, when given)."""
+    """A random subset of the entry point's flags (FLAGS_PER_RUN on average), each with a random value of its list
+    but the BAD ones; in EDGE_SHARE of the runs one flag is drawn at the edge instead: a BAD value of its own, or
+    (a shared flag of a lesson) any value of any lesson's list (--timesteps at most max_timesteps, when given)."""
     argv, flags = [], flags_of(entry)
-    union = rng.choice([flag for flag in flags if flag in SHARED]) if entry in FLAGS and rng.random() < UNION_SHARE \
-        else None
+    edges = [flag for flag in flags if BAD.get(flag, set()) & set(flags[flag]) or (entry in FLAGS and flag in SHARED)]
+    edge = rng.choice(edges) if edges and rng.random() < EDGE_SHARE else None
     for flag, values in flags.items():
-        if flag == union:  # another entry point's values
-            values = SHARED[flag]
+        if flag == edge:  # another entry point's values (those its own list lacks), or its own BAD ones
+            own_good = [value for value in values if value not in BAD.get(flag, ())]
+            others = [value for value in SHARED.get(flag, ()) if value not in own_good] if entry in FLAGS else []
+            bad = [value for value in values if value in BAD.get(flag, ())]
+            values = (others if others and (not bad or rng.random() < 0.5) else bad) or values
+        else:
+            values = [value for value in values if value not in BAD.get(flag, ())]
         if flag == "--timesteps" and max_timesteps:
             values = [value for value in values if int(value) <= max_timesteps]
-        if rng.random() < min(0.5, FLAGS_PER_RUN / len(flags)) or flag == union:
+        if values and (rng.random() < min(0.5, FLAGS_PER_RUN / len(flags)) or flag == edge):
             value = rng.choice(values)
             argv += [flag] if value is None else [flag, value]
     for flag, (other, values) in DEPENDS.items():  # mostly only where it applies (its refusal is drawn 1 in 5)
@@ -298,6 +316,11 @@ def resolved(module, parsed, checkpoint_config):
     return parsed
 
 
+def _spacings(parsed):
+    spacing = parsed.get("timestep_spacing")
+    return spacing if isinstance(spacing, tuple) else (spacing,)
+
+
 def acts(module, argv, flag, checkpoint_config):
     """Whether leaving `flag` out of argv changes what the run is asked to do: its parsed arguments differ (with
     the defaults a run settles later settled), and, when a checkpoint is read, it is not one of the flags CHECKED
@@ -318,6 +341,11 @@ def acts(module, argv, flag, checkpoint_config):
     steps = chosen.get("steps")
     if dest == "clip_x0" and steps is not None and set(steps if isinstance(steps, tuple) else (steps,)) == {1}:
         return False  # one step lands on x0_pred itself, which the sample's final clamp clips either way
+    timesteps = (checkpoint_config or {}).get("timesteps") or chosen.get("timesteps")
+    uniform = {"trailing", "leading", "linspace"}
+    if dest == "timestep_spacing" and steps is not None and set(steps if isinstance(steps, tuple) else (steps,)) \
+            == {timesteps} and {*_spacings(chosen), *_spacings(default)} <= uniform:
+        return False  # with as many steps as T, each of these spacings visits every timestep: the same sampler
     return checkpoint_config is None or dest not in CHECKED  # with a checkpoint: accepted, so the same as its own
 
 
@@ -327,6 +355,7 @@ def parse_args(argv=None):
                         "sample-only and a compare_methods run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-timesteps", type=int, default=None, help="draw --timesteps only up to this (faster)")
+    parser.add_argument("--timesteps", type=int, default=25, help="T of a run that draws none (smaller: faster)")
     parser.add_argument("--ablations", type=int, default=1,
                         help="drawn flags left out, one at a time, of each run that exits 0 (0: none)")
     parser.add_argument("--lessons", default=None, help="comma-separated lesson files to draw from (default: all)")
@@ -362,7 +391,8 @@ def fuzz(args):
             places = {"FOLDER": str(folder / "pictures"), "FLAT": str(folder / "flat"),
                       "PICTURE": str(folder / "pictures" / "dogs" / "1.png"),
                       "BROKEN": str(folder / "pictures" / "cats" / "broken.png"),
-                      "DATA": str(folder / "data"), "NOWHERE": str(folder / "nowhere"), "MASK": str(folder / "mask.png")}
+                      "DATA": str(folder / "data"), "NOWHERE": str(folder / "nowhere"),
+                      "MASK": str(folder / "mask.png")}
             mask = np.zeros((28, 28), np.uint8)
             mask[:, 14:] = 255
             Image.fromarray(mask).save(places["MASK"])
@@ -418,6 +448,45 @@ def fuzz(args):
                     failures.append(f"{label} {kind} {' '.join(run_argv)}: {problem}")
                 return code
 
+            shared_autoencoder = folder / "fashion_lesson05" / "checkpoint.pt"  # its autoencoder, for the capstone
+
+            def fuzz_text(index, out):
+                """examples/text_to_image.py on the autoencoder of lesson 05's checkpoint in `out` when it learnt
+                fashion-mnist (the capstone's captions name its classes), else of a lesson 05 run made here once on
+                fashion-mnist: trained, resumed, sampled."""
+                autoencoder = out / "checkpoint.pt"
+                if not (autoencoder.is_file() and torch.load(autoencoder, map_location="cpu", weights_only=True)
+                        .get("config", {}).get("dataset") == "fashion-mnist"):
+                    autoencoder = shared_autoencoder
+                    if not autoencoder.is_file():
+                        made = smoke(modules["05_latent_diffusion.py"] if "05_latent_diffusion.py" in modules
+                                     else load_lesson("05_latent_diffusion.py"),
+                                     ["--dataset", "fashion-mnist", "--data-dir", str(folder / "data"), "--out",
+                                      str(autoencoder.parent), "--device", "cpu", "--max-steps", "2",
+                                      "--autoencoder-width", "4", "--width", "4", "--batch-size", "16",
+                                      "--timesteps", "25", "--num-samples", "1", "--steps", "2"])
+                        assert made[0] == 0, made
+                drawn = drawn_for("text")
+                text_out = folder / f"text{index}"
+                text = ["--autoencoder", str(autoencoder), "--data-dir", str(folder / "data"), "--out",
+                        str(text_out), "--device", "cpu", *drawn]
+                small = [] if "--epochs" in drawn else ["--max-steps", "3"]
+                for flag, value in (("--steps", "3"), ("--num-samples", "1")):
+                    if flag not in drawn:
+                        small += [flag, value]
+                if attempt("text", [*text, *small], text_out, "train", "text_to_image", drawn, entry="text") == 0:
+                    attempt("text", ["--resume", *text, *(["--max-steps", "5"] if "--epochs" not in drawn else []),
+                                     "--steps", "3", "--num-samples", "1"], text_out, "resume", "text_to_image", [])
+                    drawn = drawn_for("text")
+                    text_config = torch.load(text_out / "checkpoint.pt", map_location="cpu",
+                                             weights_only=True).get("config", {})
+                    sample_out = folder / f"text_sampled{index}"
+                    attempt("text", ["--sample-only", "--checkpoint", str(text_out / "checkpoint.pt"), "--out",
+                                     str(sample_out), "--device", "cpu", *drawn,
+                                     *[part for flag, value in (("--steps", "3"), ("--num-samples", "1"))
+                                       if flag not in drawn for part in (flag, value)]],
+                            sample_out, "sample-only", "text_to_image", drawn, text_config, entry="text")
+
             def drawn_for(entry):
                 return [places.get(flag, flag) for flag in draw(entry, rng, args.max_timesteps)]
 
@@ -426,17 +495,20 @@ def fuzz(args):
                 flags = drawn_for(lesson)
                 out = folder / f"out{index}"
                 argv = ["--data-dir", str(folder / "data"), "--out", str(out), "--device", "cpu", *flags]
-                if "--epochs" not in flags:  # --epochs and --max-steps exclude each other
+                if "--epochs" not in flags and "--autoencoder-epochs" not in flags:  # they exclude --max-steps
                     argv += ["--max-steps", rng.choice(["3", "4"])]
                 diffusion = not (lesson == "05_latent_diffusion.py" and "autoencoder" in flags)  # lesson 05's stage 1
                 if "--timesteps" not in flags and diffusion:  # refuses the flags of the diffusion model
-                    argv += ["--timesteps", "25"]  # T = 1000 would spend minutes sampling: not what is fuzzed
+                    argv += ["--timesteps", str(args.timesteps)]  # T = 1000 would spend minutes sampling
                 if "--num-samples" not in flags and diffusion:
                     argv += ["--num-samples", "2"]  # nor would 64 samples (their count is drawn above)
                 if lesson in ("02_ddpm.py", "03_conditional_ddpm.py") and "--warmup-steps" not in flags:
                     argv += ["--warmup-steps", "0"]  # the full learning rate from step 1: after a warm-up step of
                     # 1/200 of it the weights hardly move, and a flag's effect would not reach an 8-bit picture
-                if attempt(lesson, argv, out, "train", lesson, flags) != 0:
+                code = attempt(lesson, argv, out, "train", lesson, flags)
+                if lesson == "05_latent_diffusion.py":
+                    fuzz_text(index, out)
+                if code != 0:
                     continue
                 trained = (out / "checkpoint.pt").is_file()  # not by lesson 05's --stage autoencoder alone
                 if trained:
@@ -446,8 +518,8 @@ def fuzz(args):
                         attempt(lesson, [*(without(argv, "--lr") if "--lr" in argv else argv), "--lr", "1e30"], out,
                                 "failing", lesson, [])
                     # then continue it, and sample from it, with flags drawn afresh
-                    resume = [*base, "--resume", *flags] if "--epochs" in flags else [*base, "--resume", "--max-steps",
-                                                                                        "5", *flags]
+                    resume = [*base, "--resume", *flags] if "--epochs" in flags or "--autoencoder-epochs" in flags \
+                        else [*base, "--resume", "--max-steps", "5", *flags]
                     attempt(lesson, resume, out, "resume", lesson, [])
                     drawn = drawn_for(lesson)
                     sampled = [*base, "--sample-only", "--checkpoint", str(out / "checkpoint.pt"), *drawn]
@@ -472,30 +544,9 @@ def fuzz(args):
                                 small += [flag, value]
                         compare_out = folder / f"compare{index}"
                         attempt("compare", ["--data-dir", str(folder / "data"), "--out", str(compare_out), "--device",
-                                            "cpu", "--checkpoint", str(out / "checkpoint.pt"), *scoring, *drawn, *small],
+                                            "cpu", "--checkpoint", str(out / "checkpoint.pt"), *scoring, *drawn,
+                                            *small],
                                 compare_out, "compare", lesson, drawn, config)
-                if lesson == "05_latent_diffusion.py" and (out / "autoencoder.pt").is_file():
-                    # the capstone on this run's autoencoder (it refuses in one line one not trained on fashion-mnist)
-                    drawn = drawn_for("text")
-                    text_out = folder / f"text{index}"
-                    text = ["--autoencoder", str(out / "autoencoder.pt"), "--data-dir", str(folder / "data"), "--out",
-                            str(text_out), "--device", "cpu", *drawn]
-                    small = [] if "--epochs" in drawn else ["--max-steps", "3"]
-                    for flag, value in (("--steps", "3"), ("--num-samples", "1")):
-                        if flag not in drawn:
-                            small += [flag, value]
-                    if attempt("text", [*text, *small], text_out, "train", "text_to_image", drawn, entry="text") == 0:
-                        attempt("text", ["--resume", *text, *(["--max-steps", "5"] if "--epochs" not in drawn else []),
-                                         "--steps", "3", "--num-samples", "1"], text_out, "resume", "text_to_image", [])
-                        drawn = drawn_for("text")
-                        text_config = torch.load(text_out / "checkpoint.pt", map_location="cpu",
-                                                 weights_only=True).get("config", {})
-                        sample_out = folder / f"text_sampled{index}"
-                        attempt("text", ["--sample-only", "--checkpoint", str(text_out / "checkpoint.pt"), "--out",
-                                         str(sample_out), "--device", "cpu", *drawn,
-                                         *[part for flag, value in (("--steps", "3"), ("--num-samples", "1"))
-                                           if flag not in drawn for part in (flag, value)]],
-                                sample_out, "sample-only", "text_to_image", drawn, text_config, entry="text")
                 if rng.random() < 0.3:  # a figure of utils.visualize, of this run's files or none
                     figure = rng.choice(list(FIGURES))
                     drawn = drawn_for(f"figure:{figure}")

@@ -128,6 +128,12 @@ def test_command_line_prints_one_json_line(scored, tmp_path, capsys):
     assert result["samples"] == 40 and result["class_accuracy"] > 0.9 and "fd_real_floor" in result
     missing = run_in_process(metrics.main, "metrics.py", tmp_path / "none.npz", *command[4:], capsys=capsys)
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "no file" in missing.stderr
+    # a --limit above the file's images is refused, not silently cut to them (issue 38)
+    many = run_in_process(metrics.main, "metrics.py", *command[3:], "--limit", "41", capsys=capsys)
+    assert many.returncode == 1 and many.stderr.strip().count("\n") == 0, many.stderr
+    assert "--limit 41 is more than the 40 images in" in many.stderr
+    fewer = run_in_process(metrics.main, "metrics.py", *command[3:], "--limit", "40", capsys=capsys)
+    assert fewer.returncode == 0 and json.loads(fewer.stdout)["samples"] == 40, fewer.stderr
 
 
 def test_predict_makes_float64_only_on_the_cpu(monkeypatch):

@@ -279,3 +279,39 @@ def test_ema_decay_note_follows_the_warmup_it_is_given():
 
     with pytest.raises(ValueError, match="never reaches its decay 0.977"):
         runtime.ema_decay_note(Stuck(), 10)
+
+
+def test_a_run_that_fails_before_saving_a_checkpoint_removes_the_outputs_it_made_and_keeps_the_rest(tmp_path):
+    """Issue 38, kind 3: a fresh run that fails before its first checkpoint (lesson 01 draws forward.png, then the
+    loss is nan at step 1) takes back the files it wrote where none was, its metrics.csv and the folder it made;
+    a file it replaced stays replaced (atomic), an earlier file stays; once a checkpoint is saved, what it wrote
+    is kept (Ctrl-C while sampling keeps the trained run's pictures)."""
+    def failing(out, save):
+        def main():
+            runtime.make_out_dir(out)
+            log = runtime.MetricsLog(out / "metrics.csv", append=False)
+            log.write(1, 0.5, 1e-3, 10.0)
+            with runtime.atomic_output(out / "forward.png") as temporary:
+                temporary.write_bytes(b"new")
+            with runtime.atomic_output(out / "kept.txt") as temporary:
+                temporary.write_bytes(b"replaced")
+            if save:
+                runtime.save_checkpoint({"step": 1}, out / "checkpoint.pt")
+            raise runtime.LessonError("the loss became nan at step 1")
+        with pytest.raises(SystemExit) as exit_info:
+            runtime.run(main)
+        assert exit_info.value.code == 1
+
+    fresh = tmp_path / "parent" / "fresh"
+    failing(fresh, save=False)
+    assert not (tmp_path / "parent").exists()  # folder, metrics.csv and figures: no trace
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "kept.txt").write_bytes(b"earlier")
+    (earlier / "other.png").write_bytes(b"earlier")
+    failing(earlier, save=False)
+    assert sorted(path.name for path in earlier.iterdir()) == ["kept.txt", "other.png"]
+    assert (earlier / "kept.txt").read_bytes() == b"replaced"  # an output replaced whole, never half-written
+    saved = tmp_path / "saved"
+    failing(saved, save=True)
+    assert sorted(path.name for path in saved.iterdir()) == ["checkpoint.pt", "forward.png", "kept.txt", "metrics.csv"]

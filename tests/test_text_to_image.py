@@ -322,3 +322,13 @@ def test_ctrl_c_while_training_saves_the_step_and_resume_finishes_the_run(tmp_pa
     resumed = cli(capsys, *training_flags(tmp_path, out), "--max-steps", "6", "--resume")
     assert resumed.returncode == 0 and (out / "samples.png").is_file(), resumed.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.parametrize("scale", ["0", "0.5"])
+def test_a_guidance_scale_below_1_is_refused_as_lesson_03_refuses_it(scale, tmp_path, capsys):
+    """diffusers turns guidance off for guidance_scale <= 1 (the prompt alone); the formula here would move towards
+    the empty prompt instead, so the same name must not take those values (issue 38; lesson 03 refuses them too)."""
+    refused = cli(capsys, *training_flags(tmp_path, tmp_path / "out"), "--guidance-scale", scale)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "must be at least 1 (1: no guidance)" in lines[0], lines
+    assert not (tmp_path / "out").exists()

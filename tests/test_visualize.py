@@ -251,6 +251,19 @@ def test_command_line_draws_each_figure(tiny_data_dir, tmp_path, capsys):
         for name in files:
             assert imageio.imread(out / name).size > 0 and f"wrote {out / name}" in printed
     assert len(imageio.mimread(out / "reverse_linear.gif")) == 41  # t = 999, 974, ..., 24, then 0
+    # without --reference the ideal denoiser knows 2000 images, or all of a smaller dataset (256 here); a --count or
+    # --reference the user gives above the dataset's images is refused, not cut to them (issue 38)
+    visualize.main(["reverse", "--dataset", "mnist", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "r"),
+                    "--count", "1"])
+    assert (tmp_path / "r" / "reverse_linear.png").is_file()
+    capsys.readouterr()
+    for figure, flag in (("reverse", "--reference"), ("reverse", "--count"), ("forward", "--count")):
+        with pytest.raises(SystemExit) as exit_info:  # as `python -m utils.visualize` runs it
+            visualize.run(lambda: visualize.main([figure, "--dataset", "mnist", "--data-dir", str(tiny_data_dir),
+                                                  "--out", str(tmp_path / "none"), flag, "257"]))
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err == f"error: {flag} 257 is more than the 256 images of mnist\n"
+    assert not (tmp_path / "none").exists()
 
 
 def test_command_line_refuses_bad_input(tmp_path, capsys):
@@ -265,3 +278,14 @@ def test_command_line_refuses_bad_input(tmp_path, capsys):
     with pytest.raises(visualize.LessonError, match="no metrics file"):
         visualize.main(["loss", str(tmp_path / "missing.csv"), "--out", str(tmp_path)])
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_attention_maps_show_the_picture_and_one_map_per_word_also_for_the_empty_prompt(tmp_path):
+    """The capstone's attention.png: 1 + len(words) panels side by side; the empty prompt (no words) used to
+    crash (a lone matplotlib Axes is not a list; found by tests/fuzz_flags.py) and now draws the picture alone."""
+    image = torch.linspace(-1, 1, 28 * 56).view(1, 28, 56)
+    widths = []
+    for words in (["a", "bag", "left"], []):
+        path = visualize.save_attention_maps(image, torch.rand(len(words), 28, 56), words, tmp_path / "a.png")
+        widths.append(imageio.imread(path).shape[1])
+    assert widths[0] == round(1.9 * 4 * 100) and widths[1] == round(1.9 * 100), widths

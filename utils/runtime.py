@@ -128,6 +128,8 @@ def writable_dir(text):
 _made_dirs = []  # folders this run created (make_out_dir), parents first: removed again, when empty, if it fails
 _pending_logs = []  # fresh MetricsLogs that replace an earlier run's file at this run's first checkpoint save
 _own_checkpoints = set()  # checkpoints this run saved or read: an earlier run's file is not "the last good" one
+_new_outputs = []  # output files this run wrote where none was (atomic_output): removed if it fails having saved
+_saved = []  # no checkpoint (save_checkpoint appends True): a failed run that saved nothing leaves no trace
 
 
 def make_out_dir(path):
@@ -149,6 +151,10 @@ def _forget_failed_run():
     for log in _pending_logs:
         log.discard()
     _pending_logs.clear()
+    if not _saved:  # nothing of this run is worth keeping: the figures it drew before failing go too
+        for output in _new_outputs:
+            output.unlink(missing_ok=True)
+    _new_outputs.clear()
     for folder in reversed(_made_dirs):
         with contextlib.suppress(OSError):  # not empty (a checkpoint was saved there), or already gone
             folder.rmdir()
@@ -184,7 +190,10 @@ def atomic_output(path):
     try:
         yield temporary
         os.chmod(temporary, 0o666 & ~_umask())
+        new = not path.exists()
         os.replace(temporary, path)
+        if new:
+            _new_outputs.append(path)
     except (OSError, RuntimeError) as error:
         temporary.unlink(missing_ok=True)
         raise write_failure(path, error) from None
@@ -240,6 +249,7 @@ def save_checkpoint(state, path):
     finally:
         os.close(directory)
     _own_checkpoints.add(path.resolve())
+    _saved.append(True)
     for log in [log for log in _pending_logs if log.path.parent.resolve() == path.parent.resolve()]:
         log.commit()  # the folder now holds this run's checkpoint: its metrics.csv becomes this run's too
 
@@ -390,7 +400,8 @@ class MetricsLog:
     """Appends rows of (step, loss, lr, images_per_s) to a CSV file, one flush per row. A fresh run (append False)
     where an earlier run's file is writes to a hidden file beside it, which replaces the earlier file when this run
     saves its first checkpoint in that folder (save_checkpoint) or ends well (close): a fresh run that fails first
-    leaves the earlier run's metrics as they were."""
+    leaves the earlier run's metrics as they were. A fresh run where no file was writes the file itself (to be
+    watched while it trains) and removes it again if it fails before saving a checkpoint (no trace, issue 38)."""
 
     FIELDS = ("step", "loss", "lr", "images_per_s")
 
@@ -403,7 +414,8 @@ class MetricsLog:
         if fresh or self.path.stat().st_size == 0:  # (empty: a run killed before its header reached the disk)
             self.writer.writerow(self.FIELDS)
             self.file.flush()
-        if self.pending is not None:
+        self.created = fresh and self.pending is None  # this run made the file: its own to remove if it fails
+        if self.pending is not None or self.created:
             _pending_logs.append(self)
 
     def write(self, step, loss, lr, images_per_s):
@@ -414,15 +426,21 @@ class MetricsLog:
         """Put this run's rows in place of the earlier run's file (the open file follows the rename)."""
         if self.pending is not None:
             os.replace(self.pending, self.path)
-            _pending_logs.remove(self)
             self.pending = None
+        if self in _pending_logs:
+            _pending_logs.remove(self)
+        self.created = False
 
     def discard(self):
-        """This run failed before saving anything: remove its rows, keep the earlier run's file."""
+        """This run failed before saving anything: remove its rows, keep the earlier run's file (or none)."""
         if self.pending is not None:
             self.file.close()
             self.pending.unlink(missing_ok=True)
             self.pending = None
+        elif self.created:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
+            self.created = False
 
     def close(self):
         self.file.close()
@@ -566,11 +584,14 @@ def _close_progress_bars():
 
 def run(main):
     """Call `main()`; print a LessonError as one line (exit 1) and Ctrl-C without a traceback (exit 130). A run
-    that fails or is refused leaves no trace: the output folders it made (make_out_dir) are removed when empty, and
-    a fresh run's metrics that never replaced an earlier run's are dropped."""
+    that fails or is refused leaves no trace: a fresh run's metrics that never replaced an earlier run's are
+    dropped; when it saved no checkpoint, the output files it wrote where none was (atomic_output) are removed
+    too; and then the output folders it made (make_out_dir), when empty."""
     _made_dirs.clear()
     _pending_logs.clear()
     _own_checkpoints.clear()
+    _new_outputs.clear()
+    _saved.clear()
     try:
         main()
     except LessonError as error:
@@ -593,3 +614,4 @@ def run(main):
     for log in list(_pending_logs):  # ended well without a checkpoint in its folder (nothing to train): its rows
         log.commit()
     _made_dirs.clear()
+    _new_outputs.clear()

@@ -97,14 +97,17 @@ def save_samples_npz(images, path, labels=None, captions=None):
 def read_samples_npz(path, limit=None):
     """What save_samples_npz wrote: (images uint8 [N, H, W, C], labels int64 [N] or None), the first `limit` of
     each when given. Raises LessonError (one line, naming the file) for one that is not a lesson's samples.npz:
-    cut short (not a whole zip), noise, another kind of file, or without the key `images`."""
+    cut short (not a whole zip), noise, another kind of file, or without the key `images`; and for a `limit` above
+    the images the file holds (a count the user chose is never silently cut, issue 38)."""
     try:
         with np.load(path) as arrays:
-            images = arrays["images"][:limit]
-            labels = arrays["labels"][:limit] if "labels" in arrays else None
+            images = arrays["images"]
+            labels = arrays["labels"] if "labels" in arrays else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # (a cut .npz: BadZipFile)
         raise LessonError(f"{path} is not a lesson's samples.npz ({error})") from None
-    return images, labels
+    if limit is not None and limit > len(images):
+        raise LessonError(f"--limit {limit} is more than the {len(images)} images in {path}")
+    return images[:limit], None if labels is None else labels[:limit]
 
 
 def save_captioned_rows(rows, captions, path, scale=DISPLAY_SCALE):
@@ -125,11 +128,13 @@ def save_captioned_rows(rows, captions, path, scale=DISPLAY_SCALE):
 
 def save_attention_maps(image, maps, words, path):
     """A picture [C, H, W] in [-1, 1] and one attention map per word [len(words), H, W] (any scale): the picture,
-    then each word's map over it, titled with the word (Prompt-to-Prompt's figure of cross-attention)."""
+    then each word's map over it, titled with the word (Prompt-to-Prompt's figure of cross-attention). With no
+    words (the empty prompt) the picture alone, titled so."""
     picture = to_uint8(image[None])[0]
-    figure, axes = plt.subplots(1, len(words) + 1, figsize=(1.9 * (len(words) + 1), 1.6))
+    figure, axes = plt.subplots(1, len(words) + 1, figsize=(1.9 * (len(words) + 1), 1.6), squeeze=False)
+    axes = axes[0]
     axes[0].imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
-    axes[0].set_title("picture", fontsize=8)
+    axes[0].set_title("picture" if words else "picture (empty prompt)", fontsize=8)
     for axis, word, heat in zip(axes[1:], words, maps.detach().float().cpu()):
         axis.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
         axis.imshow(heat.numpy(), cmap="inferno", alpha=0.6)
@@ -402,6 +407,9 @@ def ideal_reverse(reference, count, betas, generator, keep):
     return xs, x0s, x_t.clamp(-1, 1)
 
 
+REFERENCE_IMAGES = 2000  # the reverse figure's ideal denoiser knows this many training images by default
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m utils.visualize",
                             description="Draw a figure of diffusion without training (forward, reverse, "
@@ -423,8 +431,9 @@ def parse_args(argv=None):
         command.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
         command.add_argument("--count", type=positive_int, default=4, help="images to show")
         command.add_argument("--seed", type=int, default=0, help="random seed")
-    reverse.add_argument("--reference", type=positive_int, default=2000,
-                         help="training images the ideal denoiser knows (its whole 'dataset')")
+    reverse.add_argument("--reference", type=positive_int, default=None,
+                         help=f"training images the ideal denoiser knows (its whole 'dataset'); default "
+                              f"{REFERENCE_IMAGES}, or all of a smaller dataset")
     figures.add_parser("schedules", parents=[common],
                        help="betas, alpha_bar and log-SNR of the linear and cosine schedules")
     loss = figures.add_parser("loss", parents=[common], help="training loss from one or more metrics.csv files")
@@ -458,6 +467,10 @@ def main(argv=None):
     else:
         dataset = data.load_with_fallback(args.dataset or "mnist", args.data_dir, explicit=args.dataset is not None,
                                           candidates=["mnist", "fashion-mnist"])
+        available = len(dataset.images)
+        for flag, asked in (("--count", args.count), ("--reference", getattr(args, "reference", None))):
+            if asked is not None and asked > available:  # a value the user chose is never silently cut
+                raise LessonError(f"{flag} {asked} is more than the {available} images of {dataset.name}")
         generator = torch.Generator().manual_seed(args.seed)
         betas = schedule_betas(args.schedule, T)
         if args.figure == "forward":
@@ -468,7 +481,8 @@ def main(argv=None):
             frames = [noised(x0, alpha_bars[t], eps) for t in steps]  # the same eps at every t: one path
             paths.append(save_forward_process(frames, steps, args.out / f"forward_{args.schedule}.png"))
         else:
-            pick = torch.randperm(len(dataset.images), generator=generator)[:args.reference]
+            reference = args.reference or min(REFERENCE_IMAGES, available)
+            pick = torch.randperm(available, generator=generator)[:reference]
             steps = [999, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 0]
             gif_steps = list(range(T - 1, -1, -25)) + [0]
             xs, x0s, _ = ideal_reverse(dataset.images[pick], args.count, betas, generator, set(steps) | set(gif_steps))
