@@ -527,6 +527,9 @@ def write_outputs(model, autoencoder, scale, config, args, device):
     """samples.png/.npz, attention.png and guidance.png for --prompt (or DEFAULT_PROMPTS); returns the paths."""
     vocab, prompts = config["vocab"], args.prompt or DEFAULT_PROMPTS
     tokenize(prompts, vocab)  # refuse an unknown word before any work
+    if all(prompt == "" for prompt in prompts) and args.guidance_scale != GUIDANCE_SCALE:
+        print(f"note: --guidance-scale {args.guidance_scale:g} changes nothing for the empty prompt: its guided and "
+              f"unguided predictions are the same (guidance.png still sweeps the scale for it)")
     alpha_bars = lesson05.make_schedule(device, config["timesteps"])["alpha_bars"]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     started, record = time.perf_counter(), []

@@ -332,3 +332,18 @@ def test_a_guidance_scale_below_1_is_refused_as_lesson_03_refuses_it(scale, tmp_
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1 and "must be at least 1 (1: no guidance)" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_guidance_on_the_empty_prompt_alone_is_named_in_a_note(tmp_path, capsys):
+    """eps(empty) + s (eps(empty) - eps(empty)) is eps(empty) for every s: --guidance-scale with only the empty
+    prompt changes no sample, and the run says so rather than ignoring the flag without a word (issue 38); with
+    a real prompt beside it there is no note."""
+    write_fashion_like(tmp_path / "data")
+    write_lesson05_checkpoint(tmp_path / "05.pt")
+    train = [*training_flags(tmp_path, tmp_path / "out"), "--max-steps", "2"]
+    empty = cli(capsys, *train, "--prompt", "", "--guidance-scale", "2")
+    assert empty.returncode == 0, empty.stderr
+    assert "note: --guidance-scale 2 changes nothing for the empty prompt" in empty.stdout
+    both = cli(capsys, *train, "--out", tmp_path / "both", "--prompt", "", "--prompt", "a top on the left",
+               "--guidance-scale", "2")
+    assert both.returncode == 0 and "note: --guidance-scale" not in both.stdout, both.stderr
