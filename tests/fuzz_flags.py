@@ -1,7 +1,7 @@
 """Random flag combinations for every lesson: each must act or be refused in one line, and a refused run must
 leave nothing behind (not a test file; tests/test_reliability.py runs a fast slice of it).
 
-    python tests/fuzz_flags.py --runs 40 --seed 0     # about 4-8 minutes on a 2-core CPU
+    python tests/fuzz_flags.py --runs 30 --seed 31 --max-timesteps 25   # about 15 minutes on a 2-core CPU
 
 Each run draws, for one lesson, values for some of its flags (FLAGS_PER_RUN on average; now and then, for one flag
 several entry points share, from the values of all of them, so that each meets the values any of them refuses),

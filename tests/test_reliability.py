@@ -547,10 +547,11 @@ def test_every_file_the_project_reads_damaged_gives_one_line_or_is_rebuilt(tmp_p
 
 
 def test_a_slice_of_the_flag_fuzz_finds_no_traceback_trace_or_ignored_flag(capsys):
-    """Issue 38: a fast slice of tests/fuzz_flags.py (one drawn run per lesson, each continued, sampled and, for
-    02 and 04, compared when it trains, one drawn flag left out of each run that exits 0). Each outcome is one
-    line or exit 0, a refused run leaves its folder as it found it, and no flag leaves every output the same.
-    The extended fuzz (`python tests/fuzz_flags.py --runs 200`) is run by hand."""
+    """Issue 38: a fast slice of tests/fuzz_flags.py (one drawn run per lesson at T = 10; each that trains is
+    continued, sampled, edited, compared or used by the capstone as its lesson allows, now and then drawn by
+    utils.visualize, scored or followed by GETTING_STARTED; one drawn flag left out of each run that exits 0).
+    Each outcome is one line or exit 0, a refused run leaves its folder as it found it, and no flag leaves every
+    output the same without a note. The extended fuzz (`python tests/fuzz_flags.py --runs 30`) is run by hand."""
     import fuzz_flags
 
     counts, failures, _ = fuzz_flags.fuzz(fuzz_flags.parse_args(["--runs", "5", "--seed", "0", "--max-timesteps", "21",
