@@ -128,8 +128,8 @@ def writable_dir(text):
 _made_dirs = []  # folders this run created (make_out_dir), parents first: removed again, when empty, if it fails
 _pending_logs = []  # fresh MetricsLogs that replace an earlier run's file at this run's first checkpoint save
 _own_checkpoints = set()  # checkpoints this run saved or read: an earlier run's file is not "the last good" one
-_new_outputs = []  # output files this run wrote where none was (atomic_output): removed if it fails having saved
-_saved = []  # no checkpoint (save_checkpoint appends True): a failed run that saved nothing leaves no trace
+_new_outputs = []  # output files this run wrote where none was (atomic_output): removed if it fails unsaved
+_saved = []  # True once this run saved a checkpoint (save_checkpoint): until then, a failure leaves no trace
 
 
 def make_out_dir(path):
