@@ -278,6 +278,11 @@ def written(folder, before):
     return made
 
 
+def unless_drawn(drawn, *defaults):
+    """The (flag, value) pairs of `defaults` whose flag is not among `drawn`, as argv: the fuzz's small settings."""
+    return [part for flag, value in defaults if flag not in drawn for part in (flag, value)]
+
+
 def without(argv, flag):
     """argv with `flag` (and its value, if it has one) left out."""
     index = argv.index(flag)
@@ -472,9 +477,7 @@ def fuzz(args):
                         str(text_out), "--device", "cpu", *drawn]
                 small = [] if "--epochs" in drawn else ["--max-steps", "40"]  # its cross-attention starts at 0:
                 # in fewer steps the prompt, and so --guidance-scale, moves no sample by one 8-bit level
-                for flag, value in (("--steps", "3"), ("--num-samples", "1")):
-                    if flag not in drawn:
-                        small += [flag, value]
+                small += unless_drawn(drawn, ("--steps", "3"), ("--num-samples", "1"))
                 if attempt("text", [*text, *small], text_out, "train", "text_to_image", drawn, entry="text") == 0:
                     attempt("text", ["--resume", *text, *(["--max-steps", "42"] if "--epochs" not in drawn else []),
                                      "--steps", "3", "--num-samples", "1"], text_out, "resume", "text_to_image", [])
@@ -484,8 +487,7 @@ def fuzz(args):
                     sample_out = folder / f"text_sampled{index}"
                     attempt("text", ["--sample-only", "--checkpoint", str(text_out / "checkpoint.pt"), "--out",
                                      str(sample_out), "--device", "cpu", *drawn,
-                                     *[part for flag, value in (("--steps", "3"), ("--num-samples", "1"))
-                                       if flag not in drawn for part in (flag, value)]],
+                                     *unless_drawn(drawn, ("--steps", "3"), ("--num-samples", "1"))],
                             sample_out, "sample-only", "text_to_image", drawn, text_config, entry="text")
 
             def drawn_for(entry):
@@ -539,10 +541,8 @@ def fuzz(args):
                     if lesson in ("02_ddpm.py", "04_ddim_fast_sampling.py"):  # scoring trains a classifier: rarely
                         scoring = [] if rng.random() < 0.2 else ["--no-metrics"]
                         drawn = drawn_for("compare")
-                        small = []  # the default 1000 and 256 samples would take minutes: not what is fuzzed
-                        for flag, value in (("--num-samples", "2"), ("--ddpm-samples", "1")):
-                            if flag not in drawn:
-                                small += [flag, value]
+                        # the default 1000 and 256 samples would take minutes: not what is fuzzed
+                        small = unless_drawn(drawn, ("--num-samples", "2"), ("--ddpm-samples", "1"))
                         compare_out = folder / f"compare{index}"
                         attempt("compare", ["--data-dir", str(folder / "data"), "--out", str(compare_out), "--device",
                                             "cpu", "--checkpoint", str(out / "checkpoint.pt"), *scoring, *drawn,
