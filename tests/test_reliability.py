@@ -208,8 +208,9 @@ def test_refused_tools_leave_no_output_folder_behind(tiny_data_dir, tmp_path, ca
 def test_a_fresh_run_that_fails_leaves_the_earlier_run_in_its_folder_as_it_was(key, tiny_data_dir, tmp_path,
                                                                                 monkeypatch, capsys):
     """A good run, then a fresh run (no --resume) in the same folder whose loss is nan at step 1: every file of
-    the good run is byte for byte as it was (metrics.csv too), and the message does not call the earlier run's
-    checkpoint this run's last good one."""
+    the good run is byte for byte as it was (metrics.csv, and the figures the failed run drew over before its first
+    step), nothing of the failed run is left, and the message does not call the earlier run's checkpoint this run's
+    last good one."""
     module, (_, tiny, loss_name, _) = lesson_module(key), LESSONS[key]
     out, short = tmp_path / "out", ["--timesteps", 40]  # a short chain: lesson 03 samples every class
     code, lines = run_main(module, ["--data-dir", tiny_data_dir, "--out", out, "--max-steps", 2, *short, *tiny],
@@ -224,8 +225,9 @@ def test_a_fresh_run_that_fails_leaves_the_earlier_run_in_its_folder_as_it_was(k
         return (result[0] * float("nan"), result[1]) if isinstance(result, tuple) else result * float("nan")
 
     monkeypatch.setattr(module, loss_name, nan_loss)
-    code, lines = run_main(module, ["--data-dir", tiny_data_dir, "--out", out, "--max-steps", 2, *short, *tiny],
-                           capsys)
+    other = ["--timesteps", 30]  # another chain: the figures it draws before training (lesson 01's forward.png)
+    code, lines = run_main(module, ["--data-dir", tiny_data_dir, "--out", out, "--max-steps", 2, *other, *tiny],
+                           capsys)  # differ from the good run's, and are put back when it fails
     assert code == 1 and len(lines) == 1 and "loss became nan at step" in lines[0], lines
     assert "this run saved nothing, and the earlier run's" in lines[0] and "are untouched" in lines[0], lines
     assert "the last good checkpoint" not in lines[0], lines

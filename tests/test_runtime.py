@@ -281,23 +281,31 @@ def test_ema_decay_note_follows_the_warmup_it_is_given():
         runtime.ema_decay_note(Stuck(), 10)
 
 
-def test_a_run_that_fails_before_saving_a_checkpoint_removes_the_outputs_it_made_and_keeps_the_rest(tmp_path):
+def test_a_run_that_fails_before_saving_a_checkpoint_removes_the_outputs_it_made_and_puts_back_the_earlier(tmp_path):
     """Issue 38, kind 3: a fresh run that fails before its first checkpoint (lesson 01 draws forward.png, then the
-    loss is nan at step 1) takes back the files it wrote where none was, its metrics.csv and the folder it made;
-    a file it replaced stays replaced (atomic), an earlier file stays; once a checkpoint is saved, what it wrote
-    is kept (Ctrl-C while sampling keeps the trained run's pictures)."""
-    def failing(out, save):
+    loss is nan at step 1) takes back the files it wrote where none was, its metrics.csv and the folder it made,
+    and puts back, byte for byte, each earlier file it wrote over (even twice); an earlier file it did not touch
+    stays. Once a checkpoint is saved, what it wrote is kept (Ctrl-C while sampling keeps the trained run's
+    pictures). No hidden copy is left behind in any case."""
+    def failing(out, save, fail=True):
         def main():
             runtime.make_out_dir(out)
             log = runtime.MetricsLog(out / "metrics.csv", append=False)
             log.write(1, 0.5, 1e-3, 10.0)
             with runtime.atomic_output(out / "forward.png") as temporary:
                 temporary.write_bytes(b"new")
-            with runtime.atomic_output(out / "kept.txt") as temporary:
-                temporary.write_bytes(b"replaced")
+            for text in (b"replaced", b"replaced again"):
+                with runtime.atomic_output(out / "kept.txt") as temporary:
+                    temporary.write_bytes(text)
             if save:
                 runtime.save_checkpoint({"step": 1}, out / "checkpoint.pt")
-            raise runtime.LessonError("the loss became nan at step 1")
+                with runtime.atomic_output(out / "after.png") as temporary:
+                    temporary.write_bytes(b"after the checkpoint")
+            if fail:
+                raise runtime.LessonError("the loss became nan at step 1")
+        if not fail:
+            runtime.run(main)
+            return
         with pytest.raises(SystemExit) as exit_info:
             runtime.run(main)
         assert exit_info.value.code == 1
@@ -311,7 +319,36 @@ def test_a_run_that_fails_before_saving_a_checkpoint_removes_the_outputs_it_made
     (earlier / "other.png").write_bytes(b"earlier")
     failing(earlier, save=False)
     assert sorted(path.name for path in earlier.iterdir()) == ["kept.txt", "other.png"]
-    assert (earlier / "kept.txt").read_bytes() == b"replaced"  # an output replaced whole, never half-written
+    assert (earlier / "kept.txt").read_bytes() == b"earlier"  # put back: the earlier run lost nothing
     saved = tmp_path / "saved"
     failing(saved, save=True)
-    assert sorted(path.name for path in saved.iterdir()) == ["checkpoint.pt", "forward.png", "kept.txt", "metrics.csv"]
+    assert sorted(path.name for path in saved.iterdir()) == [
+        "after.png", "checkpoint.pt", "forward.png", "kept.txt", "metrics.csv"]
+    assert (saved / "kept.txt").read_bytes() == b"replaced again"
+    good = tmp_path / "good"  # a run that ends well (--sample-only saves no checkpoint) keeps its own files
+    good.mkdir()
+    (good / "kept.txt").write_bytes(b"earlier")
+    failing(good, save=False, fail=False)
+    assert sorted(path.name for path in good.iterdir()) == ["forward.png", "kept.txt", "metrics.csv"]
+    assert (good / "kept.txt").read_bytes() == b"replaced again"
+
+
+def test_outside_a_run_an_output_is_written_over_without_a_copy(tmp_path):
+    """atomic_output in a notebook or a test (no runtime.run around it) keeps no provisional copy: nothing would
+    take it back. A copy left by a run killed with SIGKILL is replaced by the next run's own."""
+    (tmp_path / "samples.png").write_bytes(b"earlier")
+    with runtime.atomic_output(tmp_path / "samples.png") as temporary:
+        temporary.write_bytes(b"new")
+    assert [path.name for path in tmp_path.iterdir()] == ["samples.png"]
+    assert (tmp_path / "samples.png").read_bytes() == b"new"
+    (tmp_path / ".samples.earlier.png").write_bytes(b"stale")
+
+    def main():
+        with runtime.atomic_output(tmp_path / "samples.png") as temporary:
+            temporary.write_bytes(b"newer")
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit):
+        runtime.run(main)
+    assert [path.name for path in tmp_path.iterdir()] == ["samples.png"]
+    assert (tmp_path / "samples.png").read_bytes() == b"new"

@@ -125,11 +125,31 @@ def writable_dir(text):
     return path
 
 
-_made_dirs = []  # folders this run created (make_out_dir), parents first: removed again, when empty, if it fails
-_pending_logs = []  # fresh MetricsLogs that replace an earlier run's file at this run's first checkpoint save
-_own_checkpoints = set()  # checkpoints this run saved or read: an earlier run's file is not "the last good" one
-_new_outputs = []  # output files this run wrote where none was (atomic_output): removed if it fails unsaved
-_saved = []  # True once this run saved a checkpoint (save_checkpoint): until then, a failure leaves no trace
+class _RunRecord:
+    """What the running command (run() below) has made so far, so that a failed or refused run can take it back.
+    `made_dirs`: folders it created (make_out_dir), parents first, removed again when empty. `pending_logs`: fresh
+    MetricsLogs that replace an earlier run's file at this run's first checkpoint save. `own_checkpoints`:
+    checkpoints it saved or read (an earlier run's file is not "the last good" one). Until it saves a checkpoint
+    (`saved`), its outputs are provisional: `new_outputs` (files it wrote where none was) are removed if it fails,
+    and `replaced` maps each earlier file it wrote over to a hidden copy of it, put back if it fails."""
+
+    def __init__(self):
+        self.active = False  # inside run(): outside it (a test, a notebook) no copies are kept, nothing taken back
+        self.reset()
+
+    def reset(self):
+        self.made_dirs, self.pending_logs, self.own_checkpoints = [], [], set()
+        self.new_outputs, self.replaced, self.saved = [], {}, False
+
+    def keep_outputs(self):
+        """This run's outputs are its own now (it saved a checkpoint or ended well): drop the earlier files' copies."""
+        for copy in self.replaced.values():
+            copy.unlink(missing_ok=True)
+        self.replaced.clear()
+        self.new_outputs.clear()
+
+
+_this_run = _RunRecord()
 
 
 def make_out_dir(path):
@@ -142,23 +162,27 @@ def make_out_dir(path):
         missing.append(folder)
         folder = folder.parent
     path.mkdir(parents=True, exist_ok=True)
-    _made_dirs.extend(reversed(missing))
+    _this_run.made_dirs.extend(reversed(missing))
     return path
 
 
 def _forget_failed_run():
-    """After a failed or refused run: drop its pending metrics files and the output folders it made, when empty."""
-    for log in _pending_logs:
+    """After a failed or refused run: drop its pending metrics files; when it saved no checkpoint, remove the output
+    files it wrote where none was and put back the earlier ones it wrote over; then remove the output folders it
+    made, when empty."""
+    for log in _this_run.pending_logs:
         log.discard()
-    _pending_logs.clear()
-    if not _saved:  # nothing of this run is worth keeping: the figures it drew before failing go too
-        for output in _new_outputs:
+    if not _this_run.saved:  # nothing of this run is worth keeping: the figures it drew before failing go too
+        for output in _this_run.new_outputs:
             output.unlink(missing_ok=True)
-    _new_outputs.clear()
-    for folder in reversed(_made_dirs):
+        for output, copy in _this_run.replaced.items():
+            with contextlib.suppress(OSError):
+                os.replace(copy, output)
+    _this_run.keep_outputs()  # (the copies that were not put back go)
+    for folder in reversed(_this_run.made_dirs):
         with contextlib.suppress(OSError):  # not empty (a checkpoint was saved there), or already gone
             folder.rmdir()
-    _made_dirs.clear()
+    _this_run.reset()
 
 
 def write_failure(path, error, kept="the previous file there is untouched"):
@@ -182,7 +206,8 @@ def atomic_output(path):
     hidden file beside `path` (with the same extension, which imageio, matplotlib and numpy read the format from)
     and renames it onto `path` only when the save finished. Ctrl-C, a crash or a full disk mid-write leave the
     earlier `path` as it was and no partial file; a full disk or another write error raises LessonError (one
-    line). Yields the temporary Path."""
+    line). Inside run(), before the run's first checkpoint, the file is provisional: a failure removes it, or puts
+    the earlier file back (see _RunRecord). Yields the temporary Path."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
     os.close(handle)
@@ -190,16 +215,32 @@ def atomic_output(path):
     try:
         yield temporary
         os.chmod(temporary, 0o666 & ~_umask())
-        new = not path.exists()
+        if _this_run.active and not _this_run.saved:
+            _remember_earlier(path)
         os.replace(temporary, path)
-        if new:
-            _new_outputs.append(path)
     except (OSError, RuntimeError) as error:
         temporary.unlink(missing_ok=True)
         raise write_failure(path, error) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _remember_earlier(path):
+    """Before `path` is written over by a run that has saved nothing yet: note it as new, or keep a hidden copy of
+    the earlier file beside it (a hard link, which costs nothing; a copy where links are not allowed)."""
+    if path in _this_run.replaced or path in _this_run.new_outputs:
+        return  # the earliest file is the one to put back
+    if not path.exists():
+        _this_run.new_outputs.append(path)
+        return
+    copy = path.with_name(f".{path.stem}.earlier{path.suffix}")
+    copy.unlink(missing_ok=True)  # (left by a run killed with SIGKILL: the file at `path` is the one to keep)
+    try:
+        os.link(path, copy)
+    except OSError:
+        shutil.copy2(path, copy)
+    _this_run.replaced[path] = copy
 
 
 def _umask():
@@ -248,9 +289,10 @@ def save_checkpoint(state, path):
         os.fsync(directory)
     finally:
         os.close(directory)
-    _own_checkpoints.add(path.resolve())
-    _saved.append(True)
-    for log in [log for log in _pending_logs if log.path.parent.resolve() == path.parent.resolve()]:
+    _this_run.own_checkpoints.add(path.resolve())
+    _this_run.saved = True
+    _this_run.keep_outputs()
+    for log in [log for log in _this_run.pending_logs if log.path.parent.resolve() == path.parent.resolve()]:
         log.commit()  # the folder now holds this run's checkpoint: its metrics.csv becomes this run's too
 
 
@@ -272,7 +314,7 @@ def load_checkpoint(path, lesson):
         raise LessonError(f"{path} is a checkpoint of lesson {state['lesson']}, not of {' or '.join(lessons)}")
     if state["format"] != CHECKPOINT_FORMAT:
         raise LessonError(f"{path} has checkpoint format {state['format']}, this code reads format {CHECKPOINT_FORMAT}")
-    _own_checkpoints.add(path.resolve())
+    _this_run.own_checkpoints.add(path.resolve())
     return state
 
 
@@ -282,7 +324,7 @@ def last_good(path):
     path = Path(path)
     if not path.is_file():
         return f"no checkpoint was saved yet ({path})"
-    if path.resolve() in _own_checkpoints:
+    if path.resolve() in _this_run.own_checkpoints:
         return f"the last good checkpoint is {path}"
     return f"this run saved nothing, and the earlier run's {path} and metrics are untouched"
 
@@ -416,7 +458,7 @@ class MetricsLog:
             self.file.flush()
         self.created = fresh and self.pending is None  # this run made the file: its own to remove if it fails
         if self.pending is not None or self.created:
-            _pending_logs.append(self)
+            _this_run.pending_logs.append(self)
 
     def write(self, step, loss, lr, images_per_s):
         self.writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{images_per_s:.1f}"])
@@ -427,8 +469,8 @@ class MetricsLog:
         if self.pending is not None:
             os.replace(self.pending, self.path)
             self.pending = None
-        if self in _pending_logs:
-            _pending_logs.remove(self)
+        if self in _this_run.pending_logs:
+            _this_run.pending_logs.remove(self)
         self.created = False
 
     def discard(self):
@@ -582,16 +624,22 @@ def _close_progress_bars():
         bar.close()
 
 
+def _end_well():
+    """After a run that ended well: its metrics (when no checkpoint in their folder committed them, as when there
+    was nothing to train) replace the earlier run's, and its outputs are its own."""
+    for log in list(_this_run.pending_logs):
+        log.commit()
+    _this_run.keep_outputs()
+
+
 def run(main):
     """Call `main()`; print a LessonError as one line (exit 1) and Ctrl-C without a traceback (exit 130). A run
-    that fails or is refused leaves no trace: a fresh run's metrics that never replaced an earlier run's are
-    dropped; when it saved no checkpoint, the output files it wrote where none was (atomic_output) are removed
-    too; and then the output folders it made (make_out_dir), when empty."""
-    _made_dirs.clear()
-    _pending_logs.clear()
-    _own_checkpoints.clear()
-    _new_outputs.clear()
-    _saved.clear()
+    that fails or is refused leaves no trace and loses nothing: a fresh run's metrics that never replaced an earlier
+    run's are dropped; when it saved no checkpoint, the output files it wrote where none was (atomic_output) are
+    removed and the earlier ones it wrote over are put back; and then the output folders it made (make_out_dir),
+    when empty, are removed."""
+    _this_run.reset()
+    _this_run.active = True
     try:
         main()
     except LessonError as error:
@@ -607,11 +655,14 @@ def run(main):
     except SystemExit as exit_info:
         if exit_info.code not in (0, None):
             _forget_failed_run()
+        else:
+            _end_well()
         raise
     except BaseException:
         _forget_failed_run()
         raise
-    for log in list(_pending_logs):  # ended well without a checkpoint in its folder (nothing to train): its rows
-        log.commit()
-    _made_dirs.clear()
-    _new_outputs.clear()
+    else:
+        _end_well()
+    finally:
+        _this_run.reset()
+        _this_run.active = False
